@@ -1,0 +1,1 @@
+"""kvstore.agent (see DESIGN.md)."""

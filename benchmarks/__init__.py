@@ -1,0 +1,1 @@
+"""kvstore.benchmarks (see DESIGN.md)."""

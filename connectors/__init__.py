@@ -1,0 +1,1 @@
+"""kvstore.connectors (see DESIGN.md)."""

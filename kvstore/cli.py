@@ -1,0 +1,65 @@
+"""The `kvstore` command: demo, config, bench (DESIGN.md §6)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import KVStoreError
+
+# `kvstore bench NAME` runs kvstore.benchmarks.NAME: add_arguments(parser) and run(args).
+BENCHMARKS = {
+    "tiers": "DRAM and SSD tier GB/s vs memcpy and dd O_DIRECT ceilings",
+    "gpu": "GPU gather/scatter vs the pinned memcpy ceiling (needs a GPU)",
+}
+
+
+def _bench_module(name: str):
+    return importlib.import_module(f"kvstore.benchmarks.{name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvstore", description="KV-cache offload and transfer engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from . import demo
+    demo.add_arguments(sub.add_parser("demo", help="offload/reload round on the embedded store"))
+
+    cfg = sub.add_parser("config", help="print the effective config")
+    cfg.add_argument("--show", action="store_true", help="print every key with its effective value")
+    cfg.add_argument("--config-file", default=None, help="YAML file (default: $KVSTORE_CONFIG)")
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="benchmark", required=True)
+    for name, text in BENCHMARKS.items():
+        p = bench.add_parser(name, help=text)
+        try:
+            _bench_module(name).add_arguments(p)
+        except ImportError as e:
+            p.set_defaults(unavailable=str(e))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from . import demo
+            return demo.run(args)
+        if args.command == "config":
+            from .config import Config
+            print(Config.load(args.config_file).describe())
+            return 0
+        if args.command == "bench":
+            if getattr(args, "unavailable", None):
+                print(f"benchmark {args.benchmark} is unavailable: {args.unavailable}", file=sys.stderr)
+                return 2
+            _bench_module(args.benchmark).run(args)
+            return 0
+    except KVStoreError as e:
+        print(f"kvstore: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""Store: the embedded kvstore (DESIGN.md §4): the pinned DRAM tier plus the SSD tier in this
+process, no services.
+
+- lookup(keys) -> length of the leading run of keys present in any tier (pins nothing).
+- save(keys, layout, block_ids) gathers chunk i from block_ids[i*bpc:(i+1)*bpc] of the engine's
+  cache into a DRAM slot and commits it; write-back to SSD follows off the caller's path. The
+  source blocks must stay unchanged until the handle completes.
+- load(keys, layout, block_ids) scatters the leading run of present chunks into the blocks,
+  promoting SSD hits into DRAM on the way; the result says how many chunks arrived, and the
+  caller recomputes the rest.
+Input is validated before a handle is returned: bad input raises and changes nothing.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from typing import Sequence
+
+import numpy as np
+
+from . import metrics, movers
+from ._native import C
+from .config import Config
+from .errors import InvalidArgumentError, PoolFullError, StoreClosedError
+from .handles import Handle, LoadResult, SaveResult, completed
+from .keys import check_keys
+from .layout import KVLayout
+from .pinned_pool import PinnedPool, Slot
+from .ssd_tier import SsdTier
+from .writeback import WriteBack
+
+
+class Store:
+    def __init__(self, config: Config | None = None, *, config_file: str | None = None, **overrides):
+        self.config = config if config is not None else Config.load(config_file, **overrides)
+        cfg = self.config
+        self.stats_counters = metrics.StoreStats()
+        C.configure_pools(cfg.cpu_threads, cfg.io_threads)
+        self.dram = PinnedPool(cfg.dram_capacity_bytes, cfg.dram_slab_bytes, pin=cfg.pin_memory,
+                               on_evict=lambda slot: self.stats_counters.add("evictions", tier="dram"))
+        self.ssd = None
+        if cfg.ssd_path is not None:
+            self.ssd = SsdTier(cfg.ssd_path, cfg.ssd_capacity_bytes, cfg.ssd_slab_bytes, cfg.ssd_direct_io,
+                               on_event=lambda name, n: self.stats_counters.add(name, n, tier="ssd"))
+        self._writeback = None
+        if cfg.write_back and self.ssd is not None:
+            self._writeback = WriteBack(self.dram, self.ssd, on_written=lambda n: self.stats_counters.add(
+                "bytes", n, tier="dram", dst="ssd"))
+        self._jobs = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvstore-job")
+        self._closed = False
+        self._close_lock = threading.Lock()
+        if cfg.metrics_port:
+            metrics.serve(cfg.metrics_port)
+
+    # ---- queries -----------------------------------------------------------------------------
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        self._check_open()
+        start = time.perf_counter()
+        n = 0
+        for key in check_keys(keys):
+            if not (self.dram.contains(key) or (self.ssd is not None and self.ssd.contains(key))):
+                break
+            n += 1
+        metrics.LOOKUP_SECONDS.observe(time.perf_counter() - start)
+        return n
+
+    # ---- save --------------------------------------------------------------------------------
+    def save(self, keys: Sequence[bytes], layout: KVLayout, block_ids: Sequence[int] | np.ndarray) -> Handle[SaveResult]:
+        keys, ids, bpc = self._validate(keys, layout, block_ids)
+        if not keys:
+            return completed(SaveResult(0, 0))
+        return Handle(self._jobs.submit(self._timed, "save", self._save, keys, layout, ids, bpc))
+
+    def _save(self, keys: list[bytes], layout: KVLayout, ids: np.ndarray, bpc: int) -> SaveResult:
+        nbytes = layout.chunk_nbytes(self.config.chunk_tokens)
+        slots: list[tuple[int, Slot]] = []
+        skipped, failed = 0, []
+        for i, key in enumerate(keys):
+            if self.ssd is not None and self.ssd.contains(key):
+                skipped += 1
+                continue
+            try:
+                slot = self.dram.reserve(key, nbytes, layout.fingerprint)
+            except PoolFullError:
+                failed.append(key)
+                self.stats_counters.add("dropped", tier="dram")
+                continue
+            if slot is None:
+                skipped += 1
+            else:
+                slots.append((i, slot))
+        if not slots:
+            return SaveResult(0, skipped, failed)
+        chunk_ids = np.concatenate([ids[i * bpc:(i + 1) * bpc] for i, _ in slots])
+        try:
+            movers.gather(layout, chunk_ids, [s.ptr for _, s in slots], bpc)
+        except BaseException:
+            for _, slot in slots:
+                self.dram.abort(slot)
+            raise
+        for _, slot in slots:
+            self.dram.commit(slot)
+        self.stats_counters.add("bytes", nbytes * len(slots), tier="engine", dst="dram")
+        if self._writeback is not None:
+            self._writeback.enqueue([s.key for _, s in slots])
+        return SaveResult(len(slots), skipped, failed)
+
+    # ---- load --------------------------------------------------------------------------------
+    def load(self, keys: Sequence[bytes], layout: KVLayout, block_ids: Sequence[int] | np.ndarray) -> Handle[LoadResult]:
+        keys, ids, bpc = self._validate(keys, layout, block_ids)
+        if not keys:
+            return completed(LoadResult(0, 0))
+        return Handle(self._jobs.submit(self._timed, "load", self._load, keys, layout, ids, bpc))
+
+    def _load(self, keys: list[bytes], layout: KVLayout, ids: np.ndarray, bpc: int) -> LoadResult:
+        nbytes = layout.chunk_nbytes(self.config.chunk_tokens)
+        hits = {"dram": 0, "ssd": 0}
+        held: list[Slot] = []
+        loaded = 0
+
+        def scatter_held() -> None:
+            nonlocal loaded
+            if not held:
+                return
+            try:
+                chunk_ids = ids[loaded * bpc:(loaded + len(held)) * bpc]
+                movers.scatter(layout, chunk_ids, [s.ptr for s in held], bpc)
+                loaded += len(held)
+            finally:
+                for s in held:
+                    self.dram.release(s)
+                held.clear()
+
+        try:
+            for key in keys:
+                slot = self.dram.acquire(key)
+                if slot is not None and slot.fingerprint != layout.fingerprint:
+                    self.dram.release(slot)
+                    break
+                tier = "dram"
+                if slot is None:
+                    tier = "ssd"
+                    try:
+                        slot = self._promote(key, nbytes, layout.fingerprint)
+                    except PoolFullError:  # our own held slots fill DRAM: move them out first
+                        scatter_held()
+                        slot = self._promote(key, nbytes, layout.fingerprint)
+                if slot is None:
+                    break
+                held.append(slot)
+                hits[tier] += 1
+            scatter_held()
+        finally:
+            for s in held:
+                self.dram.release(s)
+        for tier, n in hits.items():
+            self.stats_counters.add("hits", n, tier=tier)
+        self.stats_counters.add("misses", len(keys) - loaded)
+        self.stats_counters.add("bytes", loaded * nbytes, tier="dram", dst="engine")
+        return LoadResult(loaded, len(keys), {t: n for t, n in hits.items() if n})
+
+    def _promote(self, key: bytes, nbytes: int, fingerprint: int) -> Slot | None:
+        """SSD -> a new DRAM slot, checksum verified; returns it acquired, or None on a miss."""
+        if self.ssd is None or not self.ssd.contains(key):
+            return None
+        slot = self.dram.reserve(key, nbytes, fingerprint)
+        if slot is None:  # another thread promoted or saved it meanwhile
+            return self.dram.acquire(key)
+        try:
+            entry = self.ssd.read(key, slot.view, fingerprint)
+        except BaseException:
+            self.dram.abort(slot)
+            raise
+        if entry is None or entry.nbytes != nbytes:
+            self.dram.abort(slot)
+            return None
+        self.dram.commit(slot, persisted=True)
+        self.stats_counters.add("bytes", nbytes, tier="ssd", dst="dram")
+        return self.dram.acquire(key)
+
+    # ---- maintenance -------------------------------------------------------------------------
+    def flush(self, timeout_s: float = 60.0) -> bool:
+        """Waits until write-back has put every saved object on SSD; False on timeout."""
+        return self._writeback.flush(timeout_s) if self._writeback is not None else True
+
+    def evict(self, tier: str = "dram") -> int:
+        """Drops every idle object of a tier (DRAM: those with no readers); returns the count."""
+        if tier == "dram":
+            return self.dram.evict_all()
+        raise InvalidArgumentError(f"evict: unknown tier {tier!r} (only 'dram')")
+
+    def stats(self) -> dict:
+        return {
+            "dram": {"objects": len(self.dram), "used_bytes": self.dram.used_bytes(),
+                     "allocated_bytes": self.dram.allocated_bytes, "capacity_bytes": self.dram.capacity_bytes,
+                     "pinned": self.dram.pinned},
+            "ssd": None if self.ssd is None else {"objects": len(self.ssd), "file_bytes": self.ssd.file_bytes(),
+                                                  "capacity_bytes": self.ssd.capacity_bytes,
+                                                  "path": str(self.ssd.path)},
+            "counters": self.stats_counters.snapshot(),
+        }
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._jobs.shutdown(wait=True)
+        if self._writeback is not None:
+            self._writeback.close(timeout_s)
+        if self.ssd is not None:
+            self.ssd.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError("store is closed")
+
+    def _validate(self, keys, layout: KVLayout, block_ids) -> tuple[list[bytes], np.ndarray, int]:
+        self._check_open()
+        keys = check_keys(keys)
+        if not isinstance(layout, KVLayout):
+            raise InvalidArgumentError(f"layout must be a KVLayout, got {type(layout).__name__}")
+        bpc = layout.blocks_per_chunk(self.config.chunk_tokens)
+        ids = np.asarray(block_ids)
+        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise InvalidArgumentError("block_ids must be a 1-D sequence of ints")
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if len(ids) != len(keys) * bpc:
+            raise InvalidArgumentError(f"{len(keys)} chunks of {bpc} blocks need {len(keys) * bpc} block ids, "
+                                       f"got {len(ids)}")
+        if ids.size and (ids.min() < 0 or ids.max() >= layout.num_blocks):
+            bad = ids[(ids < 0) | (ids >= layout.num_blocks)][0]
+            raise InvalidArgumentError(f"block id {bad} out of range [0, {layout.num_blocks})")
+        return keys, ids, bpc
+
+    def _timed(self, op: str, fn, *args):
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            metrics.TRANSFER_SECONDS.labels(op=op).observe(time.perf_counter() - start)

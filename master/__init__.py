@@ -1,0 +1,1 @@
+"""kvstore.master (see DESIGN.md)."""
