@@ -60,11 +60,11 @@ def _layer_views(tensors: Sequence[Any] | Mapping[str, Any], rank: int, what: st
             raise LayoutError(
                 f"{what}: layer {i} differs from layer 0 (shape {v.shape} vs {first.shape}, strides {v.strides} vs "
                 f"{first.strides}, dtype {v.dtype} vs {first.dtype}, device {v.device} vs {first.device})")
+    if any(s == 0 for s in first.shape):
+        raise LayoutError(f"{what}: empty dimension in shape {first.shape}")
     if first.strides[-1] != first.itemsize:
         raise LayoutError(f"{what}: the last dim must be contiguous (stride {first.strides[-1]} bytes, "
                           f"element {first.itemsize} bytes)")
-    if any(s == 0 for s in first.shape):
-        raise LayoutError(f"{what}: empty dimension in shape {first.shape}")
     return views
 
 
