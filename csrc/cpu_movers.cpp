@@ -52,6 +52,7 @@ void cpu_move(const Layout& l, const ChunkBatch& b, Direction dir) {
     int p = int(r % l.num_planes);
     int layer = b.layer_begin + int(r / l.num_planes);
     int64_t block = b.block_ids[c * b.blocks_per_chunk + k];
+    if (block == kSkipBlock) return;
     auto* engine = reinterpret_cast<uint8_t*>(l.plane_ptr(layer, p)) + block * l.block_stride;
     auto* obj = reinterpret_cast<uint8_t*>(b.object_ptrs[c]) + layer * layer_bytes + p * plane_bytes +
                 k * block_obj_bytes;

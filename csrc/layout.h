@@ -45,6 +45,10 @@ struct Layout {
   }
 };
 
+// A block id of kSkipBlock leaves that block alone: a load into a chunk whose first blocks the
+// engine already holds (a GPU prefix hit ending mid-chunk) must not rewrite blocks in use.
+constexpr int64_t kSkipBlock = -1;
+
 // One batch of chunks to move: chunk c covers block_ids[c*blocks_per_chunk ... +blocks_per_chunk)
 // and lives in the object at object_ptrs[c]. Only layers [layer_begin, layer_end) are moved.
 struct ChunkBatch {
@@ -62,7 +66,7 @@ struct ChunkBatch {
     KV_CHECK_ARG(0 <= layer_begin && layer_begin < layer_end && layer_end <= l.num_layers,
                  "batch: layer range out of bounds");
     for (int64_t i = 0; i < num_chunks * blocks_per_chunk; ++i)
-      if (block_ids[i] < 0 || block_ids[i] >= l.num_blocks)
+      if (block_ids[i] != kSkipBlock && (block_ids[i] < 0 || block_ids[i] >= l.num_blocks))
         throw InvalidArgument("batch: block id " + std::to_string(block_ids[i]) + " out of range [0, " +
                               std::to_string(l.num_blocks) + ")");
     for (int64_t c = 0; c < num_chunks; ++c) KV_CHECK_ARG(object_ptrs[c] != 0, "batch: null object pointer");

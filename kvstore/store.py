@@ -7,7 +7,8 @@ process, no services.
   source blocks must stay unchanged until the handle completes.
 - load(keys, layout, block_ids) scatters the leading run of present chunks into the blocks,
   promoting SSD hits into DRAM on the way; the result says how many chunks arrived, and the
-  caller recomputes the rest.
+  caller recomputes the rest. A block id of SKIP_BLOCK (-1) leaves that block untouched (the
+  engine already holds it, e.g. a GPU prefix hit that ends inside a chunk).
 Input is validated before a handle is returned: bad input raises and changes nothing.
 """
 from __future__ import annotations
@@ -29,6 +30,8 @@ from .layout import KVLayout
 from .pinned_pool import PinnedPool, Slot
 from .ssd_tier import SsdTier
 from .writeback import WriteBack
+
+SKIP_BLOCK = -1  # csrc/layout.h kSkipBlock
 
 
 class Store:
@@ -67,7 +70,7 @@ class Store:
 
     # ---- save --------------------------------------------------------------------------------
     def save(self, keys: Sequence[bytes], layout: KVLayout, block_ids: Sequence[int] | np.ndarray) -> Handle[SaveResult]:
-        keys, ids, bpc = self._validate(keys, layout, block_ids)
+        keys, ids, bpc = self._validate(keys, layout, block_ids, allow_skip=False)
         if not keys:
             return completed(SaveResult(0, 0))
         return Handle(self._jobs.submit(self._timed, "save", self._save, keys, layout, ids, bpc))
@@ -108,7 +111,7 @@ class Store:
 
     # ---- load --------------------------------------------------------------------------------
     def load(self, keys: Sequence[bytes], layout: KVLayout, block_ids: Sequence[int] | np.ndarray) -> Handle[LoadResult]:
-        keys, ids, bpc = self._validate(keys, layout, block_ids)
+        keys, ids, bpc = self._validate(keys, layout, block_ids, allow_skip=True)
         if not keys:
             return completed(LoadResult(0, 0))
         return Handle(self._jobs.submit(self._timed, "load", self._load, keys, layout, ids, bpc))
@@ -223,7 +226,7 @@ class Store:
         if self._closed:
             raise StoreClosedError("store is closed")
 
-    def _validate(self, keys, layout: KVLayout, block_ids) -> tuple[list[bytes], np.ndarray, int]:
+    def _validate(self, keys, layout: KVLayout, block_ids, *, allow_skip: bool) -> tuple[list[bytes], np.ndarray, int]:
         self._check_open()
         keys = check_keys(keys)
         if not isinstance(layout, KVLayout):
@@ -236,9 +239,10 @@ class Store:
         if len(ids) != len(keys) * bpc:
             raise InvalidArgumentError(f"{len(keys)} chunks of {bpc} blocks need {len(keys) * bpc} block ids, "
                                        f"got {len(ids)}")
-        if ids.size and (ids.min() < 0 or ids.max() >= layout.num_blocks):
-            bad = ids[(ids < 0) | (ids >= layout.num_blocks)][0]
-            raise InvalidArgumentError(f"block id {bad} out of range [0, {layout.num_blocks})")
+        low = SKIP_BLOCK if allow_skip else 0
+        if ids.size and (ids.min() < low or ids.max() >= layout.num_blocks):
+            bad = ids[(ids < low) | (ids >= layout.num_blocks)][0]
+            raise InvalidArgumentError(f"block id {bad} out of range [{low}, {layout.num_blocks})")
         return keys, ids, bpc
 
     def _timed(self, op: str, fn, *args):

@@ -79,7 +79,7 @@ def test_block_id_out_of_range_is_typed_and_changes_nothing(rng):
     lay = cache.layout
     objs, ptrs = _objects(1, lay.chunk_nbytes(lay.block_size))
     before = snapshot(cache)
-    for bad in (lay.num_blocks, -1):
+    for bad in (lay.num_blocks, -2):
         with pytest.raises(InvalidArgumentError, match="out of range"):
             C.scatter(lay.native, np.array([bad]), ptrs, 1, 0, lay.num_layers)
     with pytest.raises(InvalidArgumentError, match="layer range"):
@@ -107,3 +107,19 @@ def test_gpu_entry_points_raise_without_gpu():
         pytest.skip("a GPU is present")
     with pytest.raises(kvstore.GPUUnavailableError):
         C.require_gpu()
+
+
+def test_skip_block_is_left_untouched(rng):
+    cache = all_caches(rng)[1]
+    lay = cache.layout
+    objs, ptrs = _objects(1, lay.chunk_nbytes(3 * lay.block_size))
+    ids = np.array([2, 5, 7], dtype=np.int64)
+    C.gather(lay.native, ids, ptrs, 3, 0, lay.num_layers)
+    before = snapshot(cache)
+    for buf in cache.buffers:
+        buf.view(np.uint8)[...] = POISON
+    C.scatter(lay.native, np.array([-1, 5, 7]), ptrs, 3, 0, lay.num_layers)
+    for l in range(cache.num_layers):
+        for p in range(cache.num_planes):
+            assert (cache.planes(l, p)[2].view(np.uint8) == POISON).all()
+            assert np.array_equal(cache.planes(l, p)[[5, 7]], _planes_of(cache, before, l, p)[[5, 7]])

@@ -200,3 +200,21 @@ def test_metrics_are_exported(tmp_path, rng):
     assert REGISTRY.get_sample_value("kvstore_hits_total", {"tier": "dram"}) == before + 2
     text = generate_latest().decode()
     assert "kvstore_transfer_seconds_bucket" in text and "kvstore_bytes_total" in text
+
+
+def test_load_skips_blocks_marked_minus_one_and_save_rejects_them(tmp_path, rng):
+    cache = vllm(rng, "LBNHC", B=24)
+    keys, ids = setup_request(rng, cache, chunks=2)
+    with make_store(tmp_path) as store:
+        skipping = ids.copy()
+        skipping[0] = -1
+        with pytest.raises(InvalidArgumentError, match="out of range"):
+            store.save(keys, cache.layout, skipping)
+        store.save(keys, cache.layout, ids).wait()
+        before = snapshot(cache)
+        poison(cache)
+        assert store.load(keys, cache.layout, skipping).wait().complete
+        for l in range(cache.num_layers):
+            for p in range(cache.num_planes):
+                assert (cache.planes(l, p)[ids[0]].view(np.uint8) == 0xC3).all()
+        assert_blocks_restored(cache, before, ids[1:])  # the other blocks came back
