@@ -1,0 +1,276 @@
+"""GPU movers (DESIGN.md §3): engine paged KV blocks on a CUDA device <-> layer-major stored objects
+in pinned (page-locked, device-mapped) host memory, by the KVLayout stride descriptor.
+
+- gather / scatter: move whole chunks (all layers or a layer range). With no `stream` they run on
+  a private per-thread stream that is first ordered after all work already issued to the
+  device's legacy default stream (torch's default stream), and return once the data has arrived.
+  With `stream` (an int cudaStream_t or anything with `.cuda_stream`) they are only enqueued.
+- LayerwiseLoad: one launch per layer on a load stream, each followed by an event; wait_layer(l,
+  stream) makes `stream` wait on that event (no host synchronisation, capturable in CUDA graphs).
+- LayerwiseSave: save_layer(l, compute_stream) records an event on the compute stream; the store
+  stream waits on it and gathers layer l.
+
+Streams and events are plain integers; torch is never imported here (a torch stream object is
+accepted wherever a stream is, through its `.cuda_stream`).
+
+Paths (kvstore._C.GPU_PATH_*): direct = the kernel reads/writes pinned memory zero-copy over
+PCIe; staged = DMA of whole contiguous object slices into a small device ring plus an on-GPU
+kernel with few CTAs. PATH_AUTO picks per call by the rule measured in benchmarks/gpu.py.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from ._native import C
+from .errors import GPUUnavailableError, InvalidArgumentError, KVTimeoutError
+from .layout import KVLayout
+
+PATH_AUTO, PATH_DIRECT, PATH_STAGED = 0, 1, 2
+PATH_NAMES = {PATH_DIRECT: "direct", PATH_STAGED: "staged"}
+
+_local = threading.local()
+
+
+def stream_handle(stream: Any) -> int:
+    """An int cudaStream_t from an int, None (the legacy default stream) or a torch stream."""
+    if stream is None:
+        return 0
+    if isinstance(stream, (int, np.integer)):
+        return int(stream)
+    handle = getattr(stream, "cuda_stream", None)
+    if handle is None:
+        raise InvalidArgumentError(f"expected a CUDA stream handle (int or object with .cuda_stream), got {stream!r}")
+    return int(handle)
+
+
+def device_index(layout: KVLayout) -> int:
+    dev = layout.device
+    if not dev.startswith("cuda"):
+        raise InvalidArgumentError(f"layout lives on {dev}, not on a CUDA device")
+    _, _, idx = dev.partition(":")
+    return int(idx) if idx else 0
+
+
+def check_gpu(layout: KVLayout) -> int:
+    if not C.built_with_cuda():
+        raise GPUUnavailableError("kvstore._C was built without CUDA (nvcc was not found at build time)")
+    if C.cuda_device_count() == 0:
+        raise GPUUnavailableError(f"layout lives on {layout.device} but no CUDA device is available")
+    return device_index(layout)
+
+
+def _private_stream(device: int) -> tuple[int, int]:
+    """(stream, event) owned by this thread for `device`; never destroyed (one per worker thread)."""
+    cache = getattr(_local, "streams", None)
+    if cache is None:
+        cache = _local.streams = {}
+    if device not in cache:
+        cache[device] = (C.cuda_stream_create(device, 0), C.cuda_event_create(device, False))
+    return cache[device]
+
+
+def _batch(block_ids, object_ptrs, blocks_per_chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.ascontiguousarray(np.asarray(block_ids), dtype=np.int64)
+    objs = np.ascontiguousarray(np.asarray(object_ptrs, dtype=np.uint64))
+    if ids.ndim != 1 or objs.ndim != 1:
+        raise InvalidArgumentError("block_ids and object_ptrs must be 1-D")
+    if blocks_per_chunk <= 0 or ids.size != objs.size * blocks_per_chunk:
+        raise InvalidArgumentError(f"{objs.size} objects of {blocks_per_chunk} blocks need "
+                                   f"{objs.size * blocks_per_chunk} block ids, got {ids.size}")
+    return ids, objs
+
+
+def _move(fn, layout: KVLayout, block_ids, object_ptrs, blocks_per_chunk: int, layers, stream, path: int,
+          ctas: int) -> int:
+    device = check_gpu(layout)
+    ids, objs = _batch(block_ids, object_ptrs, blocks_per_chunk)
+    lb, le = layers or (0, layout.num_layers)
+    if stream is not None:
+        return fn(layout.native, ids, objs, blocks_per_chunk, lb, le, stream=stream_handle(stream), path=path,
+                  ctas=ctas)
+    s, ev = _private_stream(device)
+    C.cuda_event_record(ev, 0)          # after everything issued so far to the legacy default stream
+    C.cuda_stream_wait_event(s, ev)
+    used = fn(layout.native, ids, objs, blocks_per_chunk, lb, le, stream=s, path=path, ctas=ctas)
+    C.cuda_stream_synchronize(s)
+    return used
+
+
+def gather(layout: KVLayout, block_ids, object_ptrs: Sequence[int], blocks_per_chunk: int,
+           layers: tuple[int, int] | None = None, *, stream: Any = None, path: int = PATH_AUTO, ctas: int = 0) -> int:
+    """Engine blocks -> objects. Returns the path used. Synchronous unless `stream` is given."""
+    return _move(C.gpu_gather, layout, block_ids, object_ptrs, blocks_per_chunk, layers, stream, path, ctas)
+
+
+def scatter(layout: KVLayout, block_ids, object_ptrs: Sequence[int], blocks_per_chunk: int,
+            layers: tuple[int, int] | None = None, *, stream: Any = None, path: int = PATH_AUTO, ctas: int = 0) -> int:
+    """Objects -> engine blocks. Returns the path used. Synchronous unless `stream` is given."""
+    return _move(C.gpu_scatter, layout, block_ids, object_ptrs, blocks_per_chunk, layers, stream, path, ctas)
+
+
+def _wait_event(event: int, timeout_s: float | None, what: str) -> None:
+    if timeout_s is None:
+        C.cuda_event_synchronize(event)
+        return
+    deadline = time.monotonic() + timeout_s
+    delay = 20e-6
+    while not C.cuda_event_query(event):
+        if time.monotonic() > deadline:
+            raise KVTimeoutError(f"{what} not finished after {timeout_s} s")
+        time.sleep(delay)
+        delay = min(delay * 2, 1e-3)
+
+
+class _Layerwise:
+    def __init__(self, layout: KVLayout, block_ids, object_ptrs, blocks_per_chunk: int, *, stream: Any = None,
+                 layers: tuple[int, int] | None = None, path: int = PATH_AUTO, ctas: int = 0, piece_bytes: int = 0,
+                 keepalive: Any = None):
+        self.device = check_gpu(layout)
+        self.layout = layout
+        self.layers = layers or (0, layout.num_layers)
+        lb, le = self.layers
+        if not 0 <= lb < le <= layout.num_layers:
+            raise InvalidArgumentError(f"layer range [{lb}, {le}) outside [0, {layout.num_layers})")
+        ids, objs = _batch(block_ids, object_ptrs, blocks_per_chunk)
+        self._own_stream = stream is None
+        self.stream = C.cuda_stream_create(self.device, 0) if stream is None else stream_handle(stream)
+        self.path, self.ctas = path, ctas
+        # One staging piece per layer (capped): one DMA + one kernel per layer keeps the host cost
+        # of enqueueing small; successive layers still overlap (DMA of l+1 with the kernel of l).
+        self.piece_bytes = piece_bytes or int(min(64 << 20, max(1 << 20, layout.layer_nbytes(
+            blocks_per_chunk * layout.block_size) * (objs.size or 1))))
+        self._keepalive = keepalive  # object memory must outlive the transfer
+        self._events: list[int] = []
+        self._plan = None
+        try:
+            self._plan = C.GpuPlan(layout.native, ids, objs, blocks_per_chunk, self.stream)
+            self._events = [C.cuda_event_create(self.device, False) for _ in range(le - lb)]
+        except BaseException:
+            self.close()
+            raise
+        self._issued: set[int] = set()
+
+    def _event(self, layer: int) -> int:
+        lb, le = self.layers
+        if not lb <= layer < le:
+            raise InvalidArgumentError(f"layer {layer} outside [{lb}, {le})")
+        return self._events[layer - lb]
+
+    @property
+    def nbytes(self) -> int:
+        return self._plan.nbytes(*self.layers)
+
+    def done(self) -> bool:
+        return all(C.cuda_event_query(self._events[l - self.layers[0]]) for l in self._issued)
+
+    def close(self) -> None:
+        """Frees the events and the plan (stream-ordered: safe while work is in flight)."""
+        for e in self._events:
+            C.cuda_event_destroy(e)
+        self._events = []
+        if self._plan is not None:
+            self._plan.close()
+            self._plan = None
+        if self._own_stream and self.stream:
+            C.cuda_stream_destroy(self.stream)
+            self.stream = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.wait()
+        self.close()
+
+
+class LayerwiseLoad(_Layerwise):
+    """Objects -> engine blocks, layer by layer on the load stream (DESIGN.md §3)."""
+
+    def start(self, after_stream: Any = None, background: bool = False) -> "LayerwiseLoad":
+        """Enqueues every layer: layer l of every chunk is one launch, then event_l. With
+        `after_stream`, the loads start only after the work already issued to that stream.
+        background=True enqueues from a helper thread (the native calls drop the GIL), so the
+        caller goes on enqueueing its forward at once; wait_layer(l) then blocks the host only
+        until layer l has been *enqueued* (microseconds), never until it has arrived."""
+        if self._issued or getattr(self, "_thread", None) is not None:
+            raise InvalidArgumentError("LayerwiseLoad.start called twice")
+        lb, le = self.layers
+        self._enqueued = {layer: threading.Event() for layer in range(lb, le)}
+        self._error: BaseException | None = None
+        if after_stream is not None:
+            C.cuda_event_record(self._events[0], stream_handle(after_stream))
+            C.cuda_stream_wait_event(self.stream, self._events[0])
+
+        def enqueue():
+            try:
+                for layer in range(lb, le):
+                    self._plan.scatter(layer, layer + 1, path=self.path, ctas=self.ctas, piece_bytes=self.piece_bytes)
+                    C.cuda_event_record(self._event(layer), self.stream)
+                    self._issued.add(layer)
+                    self._enqueued[layer].set()
+            except BaseException as e:  # surfaced by wait_layer / wait
+                self._error = e
+                for ev in self._enqueued.values():
+                    ev.set()
+
+        if background:
+            self._thread = threading.Thread(target=enqueue, name="kvstore-layerwise-load", daemon=True)
+            self._thread.start()
+        else:
+            self._thread = None
+            enqueue()
+            if self._error is not None:
+                raise self._error
+        return self
+
+    def _enqueued_or_raise(self, layer: int, timeout_s: float | None) -> None:
+        ev = getattr(self, "_enqueued", {}).get(layer)
+        if ev is None:
+            raise InvalidArgumentError(f"layer {layer} was not started")
+        if not ev.wait(timeout_s):
+            raise KVTimeoutError(f"layer {layer} not enqueued after {timeout_s} s")
+        if self._error is not None:
+            raise self._error
+
+    def wait_layer(self, layer: int, stream: Any = 0, timeout_s: float | None = 60.0) -> None:
+        """`stream` waits (on the device) until layer `layer` has arrived. No host synchronisation."""
+        self._enqueued_or_raise(layer, timeout_s)
+        C.cuda_stream_wait_event(stream_handle(stream), self._event(layer))
+
+    def wait(self, timeout_s: float | None = 60.0) -> None:
+        """Host wait for every layer."""
+        for layer in sorted(getattr(self, "_enqueued", {})):
+            self._enqueued_or_raise(layer, timeout_s)
+            _wait_event(self._event(layer), timeout_s, f"layer-wise load of layer {layer}")
+
+    def close(self) -> None:
+        t = getattr(self, "_thread", None)
+        if t is not None:
+            t.join()
+            self._thread = None
+        super().close()
+
+
+class LayerwiseSave(_Layerwise):
+    """Engine blocks -> objects, layer by layer, each after the compute stream finished it."""
+
+    def save_layer(self, layer: int, compute_stream: Any = 0) -> None:
+        """Records an event on `compute_stream`; the store stream waits on it, then gathers `layer`."""
+        if layer in self._issued:
+            raise InvalidArgumentError(f"layer {layer} already saved")
+        ev = self._event(layer)
+        C.cuda_event_record(ev, stream_handle(compute_stream))
+        C.cuda_stream_wait_event(self.stream, ev)
+        self._plan.gather(layer, layer + 1, path=self.path, ctas=self.ctas, piece_bytes=self.piece_bytes)
+        C.cuda_event_record(ev, self.stream)  # re-recorded: now marks the end of this layer's gather
+        self._issued.add(layer)
+
+    def wait(self, timeout_s: float | None = 60.0) -> None:
+        """Host wait until every saved layer is in the objects."""
+        for layer in sorted(self._issued):
+            _wait_event(self._event(layer), timeout_s, f"layer-wise save of layer {layer}")

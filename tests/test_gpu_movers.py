@@ -1,0 +1,311 @@
+"""GPU movers: bit-exact against the CPU reference movers (kvstore._C.gather/scatter on CPU copies
+of the same caches) for every KVLayout constructor, both paths, element sizes 2 and 1, random
+block ids (always including the last block), 1..N chunks, partial layer ranges; outputs poisoned
+before each run, data random. Plus the layer-wise handles and input validation.
+Run on a GPU machine: pytest -m gpu tests/test_gpu_movers.py"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+from kvstore._native import C
+
+pytestmark = pytest.mark.gpu
+
+if C.cuda_device_count() == 0:
+    pytest.skip("no CUDA device (kvstore._C.cuda_device_count() == 0): GPU mover tests need one",
+                allow_module_level=True)
+
+torch = pytest.importorskip("torch", reason="GPU mover tests build CUDA caches with torch")
+
+from kvstore import gpu_movers  # noqa: E402
+from kvstore.errors import InvalidArgumentError  # noqa: E402
+from kvstore.layout import KVLayout  # noqa: E402
+
+DTYPES = {2: torch.bfloat16, 1: torch.uint8}
+VLLM_ORDERS = ["LBHNC", "LBNHC", "LHBNC", "BLHNC", "BLNHC", "BHLNC"]
+PATHS = [gpu_movers.PATH_DIRECT, gpu_movers.PATH_STAGED]
+
+
+def rand_bytes(gen: torch.Generator, shape, dtype) -> torch.Tensor:
+    """Random bit patterns (never zeros) of `dtype` on the CPU."""
+    es = torch.empty((), dtype=dtype).element_size()
+    n = int(np.prod(shape)) * es
+    raw = torch.randint(1, 256, (n,), dtype=torch.uint8, generator=gen)
+    return raw.view(dtype).reshape(shape)
+
+
+class Cache:
+    """The same paged cache on the GPU and on the CPU: `build(tensors_on_device)` -> KVLayout."""
+
+    def __init__(self, name, phys_shapes, build, dtype, gen):
+        self.name = name
+        self.cpu = [rand_bytes(gen, s, dtype) for s in phys_shapes]
+        self.gpu = [t.cuda() for t in self.cpu]
+        self.build = build
+        self.layout_gpu = build(self.gpu)
+        self.layout_cpu = build(self.cpu)
+
+    def poison(self, gen):
+        for c, g in zip(self.cpu, self.gpu):
+            c.view(torch.uint8).copy_(torch.randint(1, 256, c.view(torch.uint8).shape, dtype=torch.uint8, generator=gen))
+            g.copy_(c)
+
+    def equal(self) -> bool:
+        torch.cuda.synchronize()
+        return all(torch.equal(c.view(torch.uint8), g.cpu().view(torch.uint8)) for c, g in zip(self.cpu, self.gpu))
+
+
+def vllm_cache(order, L, B, H, N, D, dtype, gen, mla=False):
+    C_ = D if mla else 2 * D
+    H = 1 if mla else H
+    sizes = dict(L=L, B=B, H=H, N=N, C=C_)
+    shape = [sizes[ch] for ch in order]
+
+    def build(phys):
+        t = phys[0]
+        rest = [ch for ch in order if ch != "L"]
+        perm = [rest.index(ch) for ch in "BHNC"]
+        views = [t.select(order.index("L"), l).permute(*perm) for l in range(L)]
+        return KVLayout.from_vllm(views, mla=mla)
+    return Cache(f"vllm-{order}{'-mla' if mla else ''}", [shape], build, dtype, gen)
+
+
+def cache_factories(L, B, N, H, D, dtype):
+    fs = {f"vllm-{o}": (lambda gen, o=o: vllm_cache(o, L, B, H, N, D, dtype, gen)) for o in VLLM_ORDERS}
+    fs["vllm-mla"] = lambda gen: vllm_cache("LBHNC", L, B, 1, N, 4 * D, dtype, gen, mla=True)
+    fs["flash_attn"] = lambda gen: Cache("flash_attn", [(2, B, N, H, D)] * L,
+                                         lambda ts: KVLayout.from_flash_attn(ts), dtype, gen)
+    fs["flashinfer"] = lambda gen: Cache("flashinfer", [(B, 2, N, H, D)] * L,
+                                         lambda ts: KVLayout.from_flashinfer(ts), dtype, gen)
+    fs["mla"] = lambda gen: Cache("mla", [(B, N, 4 * D + D // 2)] * L, lambda ts: KVLayout.from_mla(ts), dtype, gen)
+    fs["sglang"] = lambda gen: Cache("sglang", [(B * N + 3, H, D)] * (2 * L),
+                                     lambda ts: KVLayout.from_sglang(ts[:L], ts[L:], page_size=N), dtype, gen)
+    fs["sglang-mla"] = lambda gen: Cache("sglang-mla", [(B * N, 1, 4 * D)] * L,
+                                         lambda ts: KVLayout.from_sglang(ts, None, page_size=N), dtype, gen)
+    return fs
+
+
+class Objects:
+    """n objects in pinned+mapped host memory (or device memory), with CPU reference copies."""
+
+    def __init__(self, n, nbytes, where="pinned", offset=0):
+        self.nbytes = nbytes
+        stride = (nbytes + 4095) // 4096 * 4096
+        if where == "pinned":
+            self.mem, pinned = C.host_alloc(n * stride + offset + 4096, True)
+            assert pinned, "host_alloc did not pin memory on a GPU machine"
+            base = self.mem.ctypes.data + offset
+            self.views = [self.mem[offset + i * stride: offset + i * stride + nbytes] for i in range(n)]
+        else:
+            self.mem = torch.empty(n * stride + offset, dtype=torch.uint8, device="cuda")
+            base = self.mem.data_ptr() + offset
+            self.views = [self.mem[offset + i * stride: offset + i * stride + nbytes] for i in range(n)]
+        self.ptrs = [base + i * stride for i in range(n)]
+        self.ref = [np.empty(nbytes, np.uint8) for _ in range(n)]
+
+    def fill(self, rng):
+        for v, r in zip(self.views, self.ref):
+            r[:] = rng.integers(1, 256, self.nbytes, dtype=np.uint8)
+            if isinstance(v, np.ndarray):
+                v[:] = r
+            else:
+                v.copy_(torch.from_numpy(r))
+        torch.cuda.synchronize()
+
+    def got(self, i) -> np.ndarray:
+        v = self.views[i]
+        return v.copy() if isinstance(v, np.ndarray) else v.cpu().numpy()
+
+    @property
+    def ref_ptrs(self):
+        return np.array([r.ctypes.data for r in self.ref], dtype=np.uint64)
+
+
+def pick_ids(rng, num_blocks, n_chunks, bpc):
+    ids = rng.choice(num_blocks, size=n_chunks * bpc, replace=False).astype(np.int64)
+    if num_blocks - 1 not in ids:
+        ids[rng.integers(len(ids))] = num_blocks - 1
+    return ids
+
+
+def run_case(cache: Cache, rng, gen, path, n_chunks, bpc, layers, where="pinned", direction="both", **kw):
+    lay_g, lay_c = cache.layout_gpu, cache.layout_cpu
+    ids = pick_ids(rng, lay_g.num_blocks, n_chunks, bpc)
+    nbytes = lay_g.chunk_nbytes(bpc * lay_g.block_size)
+    objs = Objects(n_chunks, nbytes, where)
+    lb, le = layers
+    if direction in ("both", "gather"):
+        objs.fill(rng)  # poison
+        C.gather(lay_c.native, ids, objs.ref_ptrs, bpc, lb, le)
+        used = C.gpu_gather(lay_g.native, ids, np.array(objs.ptrs, np.uint64), bpc, lb, le, stream=0, path=path, **kw)
+        torch.cuda.synchronize()
+        for i in range(n_chunks):
+            assert np.array_equal(objs.got(i), objs.ref[i]), f"{cache.name} gather path={used} chunk {i}"
+    if direction in ("both", "scatter"):
+        objs.fill(rng)      # random payload
+        cache.poison(gen)   # random engine contents everywhere
+        C.scatter(lay_c.native, ids, objs.ref_ptrs, bpc, lb, le)
+        used = C.gpu_scatter(lay_g.native, ids, np.array(objs.ptrs, np.uint64), bpc, lb, le, stream=0, path=path, **kw)
+        assert cache.equal(), f"{cache.name} scatter path={used}"
+
+
+@pytest.mark.parametrize("elem", [2, 1])
+@pytest.mark.parametrize("name", list(cache_factories(1, 1, 1, 1, 8, torch.uint8)))
+def test_layouts_bit_exact(name, elem):
+    L, B, N, H, D = 5, 37, 16, 3, 64 if elem == 2 else 128
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{name}{elem}".encode()))
+    rng = np.random.default_rng(zlib.crc32(f"{name}{elem}".encode()))
+    cache = cache_factories(L, B, N, H, D, DTYPES[elem])[name](gen)
+    bpc = 2
+    max_chunks = cache.layout_gpu.num_blocks // bpc
+    for trial, path in enumerate(PATHS * 2 + [gpu_movers.PATH_AUTO]):
+        n = int(rng.integers(1, max_chunks + 1)) if trial else 1
+        lb = int(rng.integers(0, L)) if trial % 2 else 0
+        le = int(rng.integers(lb + 1, L + 1)) if trial % 2 else L
+        run_case(cache, rng, gen, path, n, bpc, (lb, le))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_staged_many_small_pieces_and_device_objects(path):
+    gen = torch.Generator().manual_seed(7)
+    rng = np.random.default_rng(7)
+    cache = cache_factories(6, 64, 16, 2, 64, torch.bfloat16)["vllm-BLNHC"](gen)
+    for n in (1, 3, 16):
+        run_case(cache, rng, gen, path, n, 2, (0, 6), piece_bytes=4096, ring=2)
+        run_case(cache, rng, gen, path, n, 2, (1, 4), piece_bytes=100_000, ring=3, ctas=3, threads=128)
+    run_case(cache, rng, gen, path, 5, 4, (0, 6), where="device")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("head_elems,dtype", [(36, torch.bfloat16), (5, torch.uint8), (6, torch.float16)])
+def test_unaligned_widths(path, head_elems, dtype):
+    """Head rows of 72, 5 and 12 bytes: the kernel falls back to 8-, 1- and 4-byte vectors."""
+    gen = torch.Generator().manual_seed(head_elems)
+    rng = np.random.default_rng(head_elems)
+    cache = cache_factories(3, 21, 4, 3, head_elems, dtype)["flashinfer"](gen)
+    run_case(cache, rng, gen, path, 4, 3, (0, 3))
+    run_case(cache, rng, gen, path, 2, 5, (1, 2))
+
+
+def test_python_api_sync_and_stream():
+    gen = torch.Generator().manual_seed(3)
+    rng = np.random.default_rng(3)
+    cache = cache_factories(4, 40, 16, 2, 64, torch.bfloat16)["vllm-LBNHC"](gen)
+    lay = cache.layout_gpu
+    ids = pick_ids(rng, lay.num_blocks, 3, 2)
+    objs = Objects(3, lay.chunk_nbytes(32))
+    objs.fill(rng)
+    C.gather(cache.layout_cpu.native, ids, objs.ref_ptrs, 2, 0, 4)
+    from kvstore import movers
+    movers.gather(lay, ids, objs.ptrs, 2)  # synchronous on return
+    assert all(np.array_equal(objs.got(i), objs.ref[i]) for i in range(3))
+    objs.fill(rng)
+    cache.poison(gen)
+    C.scatter(cache.layout_cpu.native, ids, objs.ref_ptrs, 2, 0, 4)
+    s = torch.cuda.Stream()
+    gpu_movers.scatter(lay, ids, objs.ptrs, 2, stream=s)
+    s.synchronize()
+    assert cache.equal()
+
+
+def test_layerwise_load_orders_compute():
+    gen = torch.Generator().manual_seed(11)
+    rng = np.random.default_rng(11)
+    L = 8
+    cache = cache_factories(L, 64, 16, 4, 128, torch.bfloat16)["flash_attn"](gen)
+    lay = cache.layout_gpu
+    bpc, n = 4, 6
+    ids = pick_ids(rng, lay.num_blocks, n, bpc)
+    objs = Objects(n, lay.chunk_nbytes(bpc * 16))
+    for path in PATHS:
+        objs.fill(rng)
+        cache.poison(gen)
+        C.scatter(cache.layout_cpu.native, ids, objs.ref_ptrs, bpc, 0, L)
+        compute = torch.cuda.Stream()
+        snaps = []
+        h = gpu_movers.LayerwiseLoad(lay, ids, objs.ptrs, bpc, path=path, keepalive=objs)
+        h.start(after_stream=torch.cuda.current_stream(), background=(path == gpu_movers.PATH_STAGED))
+        with torch.cuda.stream(compute):
+            for layer in range(L):
+                h.wait_layer(layer, compute)
+                snaps.append(cache.gpu[layer].clone())  # reads layer `layer` on the compute stream
+        compute.synchronize()
+        h.wait(timeout_s=30)
+        h.close()
+        for layer in range(L):
+            assert torch.equal(snaps[layer].cpu().view(torch.uint8), cache.cpu[layer].view(torch.uint8)), layer
+
+
+def test_layerwise_save_after_compute():
+    gen = torch.Generator().manual_seed(12)
+    rng = np.random.default_rng(12)
+    L = 6
+    cache = cache_factories(L, 48, 16, 2, 64, torch.bfloat16)["flash_attn"](gen)
+    lay = cache.layout_gpu
+    bpc, n = 2, 5
+    ids = pick_ids(rng, lay.num_blocks, n, bpc)
+    final_cpu = [rand_bytes(gen, t.shape, t.dtype) for t in cache.cpu]
+    final = [t.cuda() for t in final_cpu]
+    ref = Objects(n, lay.chunk_nbytes(bpc * 16))
+    ref.fill(rng)
+    C.gather(cache.build(final_cpu).native, ids, ref.ref_ptrs, bpc, 0, L)
+    for path in PATHS:
+        cache.poison(gen)
+        objs = Objects(n, ref.nbytes)
+        objs.fill(rng)
+        for i in range(n):  # what the objects must hold: the reference gather over this poison
+            objs.ref[i][:] = objs.got(i)
+        h = gpu_movers.LayerwiseSave(lay, ids, objs.ptrs, bpc, path=path, keepalive=objs)
+        compute = torch.cuda.Stream()
+        compute.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(compute):
+            for layer in range(L):
+                torch.cuda._sleep(100_000)          # this layer's "forward" takes a while ...
+                cache.gpu[layer].copy_(final[layer])  # ... then writes its final KV
+                h.save_layer(layer, compute)
+        h.wait(timeout_s=30)
+        h.close()
+        for i in range(n):
+            assert np.array_equal(objs.got(i), ref.ref[i]), (path, i)
+
+
+def test_validation_errors():
+    gen = torch.Generator().manual_seed(5)
+    cache = cache_factories(2, 8, 16, 2, 64, torch.bfloat16)["flashinfer"](gen)
+    lay = cache.layout_gpu
+    nbytes = lay.chunk_nbytes(16)
+    pageable = np.ones(nbytes, np.uint8)
+    with pytest.raises(InvalidArgumentError, match="pageable"):
+        C.gpu_gather(lay.native, np.array([0], np.int64), np.array([pageable.ctypes.data], np.uint64), 1, 0, 2)
+    objs = Objects(1, nbytes)
+    with pytest.raises(InvalidArgumentError, match="out of range"):
+        C.gpu_gather(lay.native, np.array([8], np.int64), np.array(objs.ptrs, np.uint64), 1, 0, 2)
+    with pytest.raises(InvalidArgumentError):
+        C.gpu_scatter(lay.native, np.array([0], np.int64), np.array(objs.ptrs, np.uint64), 1, 1, 1)
+    with pytest.raises(InvalidArgumentError):
+        C.gpu_scatter(lay.native, np.array([0, 1], np.int64), np.array(objs.ptrs, np.uint64), 1, 0, 2)
+    with pytest.raises(InvalidArgumentError):
+        C.gpu_gather(lay.native, np.array([0], np.int64), np.array(objs.ptrs, np.uint64), 1, 0, 2, path=7)
+    with pytest.raises(InvalidArgumentError, match="device memory"):  # a CPU cache given to the GPU mover
+        C.gpu_gather(cache.layout_cpu.native, np.array([0], np.int64), np.array(objs.ptrs, np.uint64), 1, 0, 2)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_scatter_leaves_skip_blocks_alone(path):
+    """Block id -1 (kSkipBlock) = the engine already holds that block: the GPU scatter must leave
+    it exactly as the CPU reference does."""
+    gen = torch.Generator().manual_seed(11)
+    rng = np.random.default_rng(11)
+    cache = cache_factories(3, 24, 16, 2, 64, torch.bfloat16)["vllm-LBNHC"](gen)
+    lay_g, lay_c = cache.layout_gpu, cache.layout_cpu
+    ids = pick_ids(rng, lay_g.num_blocks, 3, 2)
+    ids[[0, 3]] = -1
+    objs = Objects(3, lay_g.chunk_nbytes(32))
+    objs.fill(rng)
+    cache.poison(gen)
+    C.scatter(lay_c.native, ids, objs.ref_ptrs, 2, 0, 3)
+    C.gpu_scatter(lay_g.native, ids, np.array(objs.ptrs, np.uint64), 2, 0, 3, stream=0, path=path)
+    assert cache.equal()
