@@ -44,7 +44,8 @@ setup(
     version="0.1.0",
     description="Distributed KV-cache offload and transfer engine for LLM inference",
     python_requires=">=3.10",
-    packages=["kvstore", "kvstore.master", "kvstore.agent", "kvstore.connectors", "kvstore.benchmarks"],
+    packages=["kvstore", "kvstore.master", "kvstore.agent", "kvstore.connectors", "kvstore.connectors.vllm",
+              "kvstore.benchmarks"],
     package_dir={
         "kvstore": "kvstore",
         "kvstore.master": "master",
@@ -62,6 +63,10 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
     ],
-    entry_points={"console_scripts": ["kvstore=kvstore.cli:main"]},
+    entry_points={
+        "console_scripts": ["kvstore=kvstore.cli:main"],
+        # Registers "KVStoreConnector" by name in every vLLM process (guarded: safe to repeat).
+        "vllm.general_plugins": ["kvstore_connector = kvstore.connectors.vllm.plugin:register"],
+    },
     zip_safe=False,
 )

@@ -77,22 +77,7 @@ class Store:
 
     def _save(self, keys: list[bytes], layout: KVLayout, ids: np.ndarray, bpc: int) -> SaveResult:
         nbytes = layout.chunk_nbytes(self.config.chunk_tokens)
-        slots: list[tuple[int, Slot]] = []
-        skipped, failed = 0, []
-        for i, key in enumerate(keys):
-            if self.ssd is not None and self.ssd.contains(key):
-                skipped += 1
-                continue
-            try:
-                slot = self.dram.reserve(key, nbytes, layout.fingerprint)
-            except PoolFullError:
-                failed.append(key)
-                self.stats_counters.add("dropped", tier="dram")
-                continue
-            if slot is None:
-                skipped += 1
-            else:
-                slots.append((i, slot))
+        slots, skipped, failed = self.reserve_for_save(keys, nbytes, layout.fingerprint)
         if not slots:
             return SaveResult(0, skipped, failed)
         chunk_ids = np.concatenate([ids[i * bpc:(i + 1) * bpc] for i, _ in slots])
@@ -102,11 +87,7 @@ class Store:
             for _, slot in slots:
                 self.dram.abort(slot)
             raise
-        for _, slot in slots:
-            self.dram.commit(slot)
-        self.stats_counters.add("bytes", nbytes * len(slots), tier="engine", dst="dram")
-        if self._writeback is not None:
-            self._writeback.enqueue([s.key for _, s in slots])
+        self.commit_saved([s for _, s in slots])
         return SaveResult(len(slots), skipped, failed)
 
     # ---- load --------------------------------------------------------------------------------
@@ -137,18 +118,11 @@ class Store:
 
         try:
             for key in keys:
-                slot = self.dram.acquire(key)
-                if slot is not None and slot.fingerprint != layout.fingerprint:
-                    self.dram.release(slot)
-                    break
-                tier = "dram"
-                if slot is None:
-                    tier = "ssd"
-                    try:
-                        slot = self._promote(key, nbytes, layout.fingerprint)
-                    except PoolFullError:  # our own held slots fill DRAM: move them out first
-                        scatter_held()
-                        slot = self._promote(key, nbytes, layout.fingerprint)
+                try:
+                    slot, tier = self.acquire_for_load(key, nbytes, layout.fingerprint)
+                except PoolFullError:  # our own held slots fill DRAM: move them out first
+                    scatter_held()
+                    slot, tier = self.acquire_for_load(key, nbytes, layout.fingerprint)
                 if slot is None:
                     break
                 held.append(slot)
@@ -157,11 +131,33 @@ class Store:
         finally:
             for s in held:
                 self.dram.release(s)
-        for tier, n in hits.items():
-            self.stats_counters.add("hits", n, tier=tier)
-        self.stats_counters.add("misses", len(keys) - loaded)
-        self.stats_counters.add("bytes", loaded * nbytes, tier="dram", dst="engine")
+        self.record_load(hits, len(keys), loaded, nbytes)
         return LoadResult(loaded, len(keys), {t: n for t, n in hits.items() if n})
+
+    def acquire_for_load(self, key: bytes, nbytes: int, fingerprint: int) -> tuple[Slot | None, str]:
+        """Pins key's object in DRAM for reading, promoting it from SSD if needed (checksum
+        verified). Returns (slot, tier it came from) or (None, "") on a miss, including an object
+        of another layout. Raises PoolFullError when DRAM has no room for a promotion."""
+        slot = self.dram.acquire(key)
+        if slot is not None:
+            if slot.fingerprint == fingerprint and slot.nbytes == nbytes:
+                return slot, "dram"
+            self.dram.release(slot)
+            return None, ""
+        slot = self._promote(key, nbytes, fingerprint)
+        return (slot, "ssd") if slot is not None else (None, "")
+
+    def begin_load(self, keys: Sequence[bytes], layout: KVLayout, block_ids) -> "LoadSession":
+        """A layer-wise load of every present chunk (not only the leading run); see sessions.py."""
+        from .sessions import LoadSession
+        keys, ids, bpc = self._validate(keys, layout, block_ids, allow_skip=True)
+        return LoadSession(self, keys, layout, ids, bpc)
+
+    def begin_save(self, keys: Sequence[bytes], layout: KVLayout, block_ids) -> "SaveSession":
+        """A layer-wise save of the chunks not yet stored; see sessions.py."""
+        from .sessions import SaveSession
+        keys, ids, bpc = self._validate(keys, layout, block_ids, allow_skip=False)
+        return SaveSession(self, keys, layout, ids, bpc)
 
     def _promote(self, key: bytes, nbytes: int, fingerprint: int) -> Slot | None:
         """SSD -> a new DRAM slot, checksum verified; returns it acquired, or None on a miss."""
@@ -181,6 +177,42 @@ class Store:
         self.dram.commit(slot, persisted=True)
         self.stats_counters.add("bytes", nbytes, tier="ssd", dst="dram")
         return self.dram.acquire(key)
+
+    def reserve_for_save(self, keys: list[bytes], nbytes: int, fingerprint: int
+                         ) -> tuple[list[tuple[int, Slot]], int, list[bytes]]:
+        """DRAM slots for the keys not stored yet: ([(index in keys, slot)], skipped, failed)."""
+        slots: list[tuple[int, Slot]] = []
+        skipped, failed = 0, []
+        for i, key in enumerate(keys):
+            if self.ssd is not None and self.ssd.contains(key):
+                skipped += 1
+                continue
+            try:
+                slot = self.dram.reserve(key, nbytes, fingerprint)
+            except PoolFullError:
+                failed.append(key)
+                self.stats_counters.add("dropped", tier="dram")
+                continue
+            if slot is None:
+                skipped += 1
+            else:
+                slots.append((i, slot))
+        return slots, skipped, failed
+
+    def commit_saved(self, slots: list[Slot]) -> None:
+        """Publishes gathered slots and queues them for write-back to SSD."""
+        for slot in slots:
+            self.dram.commit(slot)
+        if slots:
+            self.stats_counters.add("bytes", sum(s.nbytes for s in slots), tier="engine", dst="dram")
+        if self._writeback is not None and slots:
+            self._writeback.enqueue([s.key for s in slots])
+
+    def record_load(self, hits: dict[str, int], requested: int, loaded: int, nbytes: int) -> None:
+        for tier, n in hits.items():
+            self.stats_counters.add("hits", n, tier=tier)
+        self.stats_counters.add("misses", requested - loaded)
+        self.stats_counters.add("bytes", loaded * nbytes, tier="dram", dst="engine")
 
     # ---- maintenance -------------------------------------------------------------------------
     def flush(self, timeout_s: float = 60.0) -> bool:

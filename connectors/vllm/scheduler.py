@@ -1,0 +1,129 @@
+"""Scheduler half of KVStoreConnector: decides what to load and save; never touches tensors.
+
+Per request it keeps the chunk keys of its tokens, its block table and how many leading chunks
+are known stored. get_num_new_matched_tokens is side-effect free apart from caching keys (and
+the last answer, which update_state_after_alloc turns into a load). Loads are synchronous from
+vLLM's point of view (load_async=False): the worker pipelines them by layer inside the forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from kvstore import chunk_keys
+from kvstore.store import Store
+
+from .metadata import SKIP_BLOCK, ChunkTransfer, KVStoreConnectorMetadata
+from .settings import ConnectorSettings, shard_namespace
+
+if TYPE_CHECKING:
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+
+@dataclass
+class _RequestState:
+    request: "Request"
+    keys: list[bytes]
+    num_prompt_tokens: int
+    block_ids: list[int] = field(default_factory=list)
+    saved_chunks: int = 0           # leading chunks stored (or being saved)
+    hit_tokens: int = 0             # last answer of get_num_new_matched_tokens (tokens loadable)
+    load: ChunkTransfer | None = None
+
+
+class ConnectorScheduler:
+    def __init__(self, vllm_config, settings: ConnectorSettings, store: Store):
+        self._vllm_config = vllm_config
+        self._settings = settings
+        self._store = store
+        self._chunk = settings.chunk_tokens
+        self._block_size = vllm_config.cache_config.block_size
+        self._namespaces: dict[str, bytes] = {}
+        self._requests: dict[str, _RequestState] = {}
+
+    # ---- lookups -----------------------------------------------------------------------------
+    def _state(self, request: "Request") -> _RequestState:
+        state = self._requests.get(request.request_id)
+        tokens = request.all_token_ids if self._settings.save_decode else request.prompt_token_ids
+        if state is None or len(state.keys) < len(tokens) // self._chunk:
+            keys = chunk_keys(list(tokens), self._namespace(request), self._chunk)
+            if state is None:
+                state = self._requests[request.request_id] = _RequestState(request, keys, request.num_prompt_tokens)
+            state.keys = keys
+        return state
+
+    def _namespace(self, request: "Request") -> bytes:
+        lora = request.lora_request.lora_name if getattr(request, "lora_request", None) else ""
+        ns = self._namespaces.get(lora)
+        if ns is None:
+            ns = self._namespaces[lora] = shard_namespace(self._vllm_config, self._settings, tp_rank=0, lora=lora)
+        return ns
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+        state = self._state(request)
+        # The last prompt token is always computed (it yields the first output token).
+        loadable_chunks = min((request.num_prompt_tokens - 1) // self._chunk,
+                              self._store.lookup(state.keys[:(request.num_prompt_tokens - 1) // self._chunk]))
+        state.hit_tokens = loadable_chunks * self._chunk
+        return max(0, state.hit_tokens - num_computed_tokens), False
+
+    def update_state_after_alloc(self, request: "Request", blocks, num_external_tokens: int) -> None:
+        state = self._state(request)
+        state.block_ids = list(blocks.get_block_ids()[0])
+        if num_external_tokens <= 0:
+            return
+        end = state.hit_tokens
+        start = end - num_external_tokens  # block-aligned: vLLM presents a block-aligned local hit
+        first_chunk = start // self._chunk
+        bpc = self._chunk // self._block_size
+        ids = state.block_ids[first_chunk * bpc:(end // self._chunk) * bpc]
+        skip = (start - first_chunk * self._chunk) // self._block_size
+        ids = [SKIP_BLOCK] * skip + ids[skip:]  # blocks the GPU prefix cache already holds
+        state.load = ChunkTransfer(request.request_id, state.keys[first_chunk:end // self._chunk], ids)
+        state.saved_chunks = max(state.saved_chunks, end // self._chunk)
+
+    # ---- per step ----------------------------------------------------------------------------
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVStoreConnectorMetadata:
+        meta = KVStoreConnectorMetadata()
+        for req in scheduler_output.scheduled_new_reqs:
+            state = self._requests.get(req.req_id)
+            if state is None:
+                continue
+            state.block_ids = list(req.block_ids[0])
+            self._plan(meta, req.req_id, state, req.num_computed_tokens + scheduler_output.num_scheduled_tokens[req.req_id])
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self._requests.get(req_id)
+            if state is None:
+                continue
+            new_blocks = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:  # after preemption the table is replaced
+                state.block_ids = list(new_blocks[0]) if new_blocks is not None else []
+            elif new_blocks is not None:
+                state.block_ids.extend(new_blocks[0])
+            self._plan(meta, req_id, state, cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens[req_id])
+        return meta
+
+    def _plan(self, meta: KVStoreConnectorMetadata, req_id: str, state: _RequestState, computed_after_step: int) -> None:
+        if state.load is not None:
+            meta.loads.append(state.load)
+            state.load = None
+        if self._settings.save_decode:
+            self._state(state.request)  # keys for the tokens generated so far
+        limit = len(state.keys) * self._chunk if self._settings.save_decode else state.num_prompt_tokens
+        done_chunks = min(computed_after_step, limit) // self._chunk
+        bpc = self._chunk // self._block_size
+        if done_chunks > state.saved_chunks and len(state.block_ids) >= done_chunks * bpc:
+            meta.saves.append(ChunkTransfer(req_id, state.keys[state.saved_chunks:done_chunks],
+                                            state.block_ids[state.saved_chunks * bpc:done_chunks * bpc]))
+            state.saved_chunks = done_chunks
+
+    def request_finished(self, request: "Request", block_ids) -> tuple[bool, None]:
+        # Saves complete inside the step that scheduled them (wait_for_save), so blocks can go.
+        self._requests.pop(request.request_id, None)
+        return False, None
+
+    @property
+    def num_tracked_requests(self) -> int:
+        return len(self._requests)

@@ -1,0 +1,124 @@
+"""Worker half of KVStoreConnector: moves the chunks the scheduler planned; decides nothing.
+
+Per step: start_load_kv opens one LoadSession for every load of the step (one launch per layer
+for all chunks) and one SaveSession for every save; wait_for_layer_load(layer) makes the current
+CUDA stream wait for that layer's load; save_kv_layer gathers a layer after the stream computed
+it; wait_for_save finishes the saves (the host waits at most for the last layer's gather, and
+DRAM->SSD write-back happens later, off the step) and closes the loads. Host (CPU) caches move
+whole chunks at once. Chunks that fail to load are reported by get_block_ids_with_load_errors so
+vLLM recomputes them.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kvstore import KVLayout, KVStoreError
+from kvstore.sessions import LoadSession, SaveSession
+from kvstore.store import Store
+
+from .metadata import SKIP_BLOCK, ChunkTransfer, KVStoreConnectorMetadata
+from .settings import ConnectorSettings
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+
+class ConnectorWorker:
+    def __init__(self, vllm_config, settings: ConnectorSettings, store: Store):
+        self._settings = settings
+        self._store = store
+        self._block_size = vllm_config.cache_config.block_size
+        self._mla = bool(getattr(vllm_config.model_config, "use_mla", False))
+        self._head_size = None if self._mla else vllm_config.model_config.get_head_size()
+        self.layout: KVLayout | None = None
+        self._layer_index: dict[str, int] = {}
+        self._kernel_blocks_per_block = 1
+        self._load: LoadSession | None = None
+        self._save: SaveSession | None = None
+        self._load_errors: set[int] = set()
+
+    # ---- set-up ------------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, "torch.Tensor"]) -> None:
+        self._layer_index = {name: i for i, name in enumerate(kv_caches)}
+        self.layout = KVLayout.from_vllm(list(kv_caches.values()), head_size=self._head_size, mla=self._mla)
+        if self._block_size % self.layout.block_size:
+            raise KVStoreError(f"vLLM block size {self._block_size} is not a multiple of the kernel block size "
+                               f"{self.layout.block_size}")
+        # Views are at kernel-block granularity when --block-size exceeds the kernel's block.
+        self._kernel_blocks_per_block = self._block_size // self.layout.block_size
+
+    def _kernel_ids(self, block_ids: list[int]) -> np.ndarray:
+        ids = np.asarray(block_ids, dtype=np.int64)
+        r = self._kernel_blocks_per_block
+        if r == 1:
+            return ids
+        expanded = ids[:, None] * r + np.arange(r)[None, :]
+        expanded[ids == SKIP_BLOCK] = SKIP_BLOCK
+        return expanded.reshape(-1)
+
+    @staticmethod
+    def _batch(transfers: list[ChunkTransfer]) -> tuple[list[bytes], list[int]]:
+        keys = [k for t in transfers for k in t.keys]
+        ids = [b for t in transfers for b in t.block_ids]
+        return keys, ids
+
+    # ---- per step ----------------------------------------------------------------------------
+    def start(self, meta: KVStoreConnectorMetadata) -> None:
+        if self.layout is None or not isinstance(meta, KVStoreConnectorMetadata):
+            return
+        self._finish_loads()  # a previous step's loads, if vLLM skipped wait_for_save
+        if meta.loads:
+            keys, ids = self._batch(meta.loads)
+            try:
+                self._load = self._store.begin_load(keys, self.layout, self._kernel_ids(ids))
+                missing = self._load.missing
+            except KVStoreError:
+                log.exception("kvstore: load of %d chunks failed; vLLM will recompute them", len(keys))
+                self._load, missing = None, list(range(len(keys)))
+            bpc = len(ids) // len(keys)
+            for c in missing:
+                self._load_errors.update(b for b in ids[c * bpc:(c + 1) * bpc] if b != SKIP_BLOCK)
+        if meta.saves:
+            keys, ids = self._batch(meta.saves)
+            try:
+                self._save = self._store.begin_save(keys, self.layout, self._kernel_ids(ids))
+            except KVStoreError:
+                log.exception("kvstore: could not start saving %d chunks", len(keys))
+                self._save = None
+
+    def wait_for_layer_load(self, layer_name: str, stream: Any) -> None:
+        if self._load is not None:
+            self._load.wait_layer(self._layer_index[layer_name], stream)
+
+    def save_kv_layer(self, layer_name: str, stream: Any) -> None:
+        if self._save is not None:
+            self._save.save_layer(self._layer_index[layer_name], stream)
+
+    def wait_for_save(self) -> None:
+        if self._save is not None:
+            save, self._save = self._save, None
+            try:
+                save.finish()
+            except KVStoreError:
+                log.exception("kvstore: save failed; the chunks are not stored")
+        self._finish_loads()
+
+    def _finish_loads(self) -> None:
+        if self._load is not None:
+            load, self._load = self._load, None
+            load.close()
+
+    def take_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def shutdown(self) -> None:
+        if self._save is not None:
+            self._save.abort()
+            self._save = None
+        self._finish_loads()

@@ -1,0 +1,174 @@
+"""Per-step transfer sessions for engines that pipeline by layer (the vLLM connector).
+
+LoadSession pins every present chunk of a batch in DRAM (promoting SSD hits), then moves them
+into the engine's blocks: at once for a host cache, layer by layer on a load stream for a CUDA
+cache, where wait_layer(l, stream) makes the engine's stream wait for layer l on the device.
+Chunks not found are reported in `missing` (the engine recomputes them); the others still load.
+
+SaveSession reserves DRAM slots for the chunks not yet stored; for a CUDA cache save_layer(l,
+stream) gathers layer l once the engine's stream has computed it; finish() gathers what is left,
+waits, commits the slots and queues write-back.
+
+Slots stay pinned (readers / writers) until close() or finish(), so DRAM eviction never takes
+memory a transfer still uses. Both sessions are single-threaded objects (one engine step).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import movers
+from .errors import InvalidArgumentError, PoolFullError
+from .layout import KVLayout
+from .pinned_pool import Slot
+
+if TYPE_CHECKING:
+    from .store import Store
+
+
+def _chunk_ids(ids: np.ndarray, chunks: list[int], bpc: int) -> np.ndarray:
+    if not chunks:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([ids[c * bpc:(c + 1) * bpc] for c in chunks])
+
+
+class LoadSession:
+    def __init__(self, store: "Store", keys: list[bytes], layout: KVLayout, ids: np.ndarray, bpc: int):
+        self._store = store
+        self.layout = layout
+        self.requested = len(keys)
+        nbytes = layout.chunk_nbytes(store.config.chunk_tokens)
+        self._slots: list[Slot] = []
+        self.missing: list[int] = []   # chunk indices not loaded
+        hits = {"dram": 0, "ssd": 0}
+        loaded: list[int] = []
+        for c, key in enumerate(keys):
+            try:
+                slot, tier = store.acquire_for_load(key, nbytes, layout.fingerprint)
+            except PoolFullError:  # DRAM holds only what this batch pinned: the rest recomputes
+                slot, tier = None, ""
+            if slot is None:
+                self.missing.append(c)
+                continue
+            self._slots.append(slot)
+            loaded.append(c)
+            hits[tier] += 1
+        store.record_load({t: n for t, n in hits.items() if n}, self.requested, len(loaded), nbytes)
+        self.hits_by_tier = {t: n for t, n in hits.items() if n}
+        self._gpu = None
+        if not self._slots:
+            return
+        chunk_ids = _chunk_ids(ids, loaded, bpc)
+        ptrs = [s.ptr for s in self._slots]
+        try:
+            if layout.is_cuda:
+                from .gpu_movers import LayerwiseLoad
+                self._gpu = LayerwiseLoad(layout, chunk_ids, ptrs, bpc, keepalive=self._slots).start(after_stream=0)
+            else:
+                movers.scatter(layout, chunk_ids, ptrs, bpc)
+                self._release()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def loaded_chunks(self) -> int:
+        return self.requested - len(self.missing)
+
+    def wait_layer(self, layer: int, stream: Any = 0) -> None:
+        """Makes `stream` wait on the device until layer `layer` has arrived (CUDA); no-op for host
+        caches, which were filled when the session started."""
+        if self._gpu is not None:
+            self._gpu.wait_layer(layer, stream)
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Waits for the transfer on the host and unpins the slots. Call once the engine no
+        longer needs the loads in flight (after its step)."""
+        try:
+            if self._gpu is not None:
+                self._gpu.wait(timeout_s)
+        finally:
+            if self._gpu is not None:
+                self._gpu.close()
+                self._gpu = None
+            self._release()
+
+    def _release(self) -> None:
+        for slot in self._slots:
+            self._store.dram.release(slot)
+        self._slots = []
+
+
+class SaveSession:
+    def __init__(self, store: "Store", keys: list[bytes], layout: KVLayout, ids: np.ndarray, bpc: int):
+        self._store = store
+        self.layout = layout
+        nbytes = layout.chunk_nbytes(store.config.chunk_tokens)
+        reserved, self.skipped, self.failed_keys = store.reserve_for_save(keys, nbytes, layout.fingerprint)
+        self._slots = [slot for _, slot in reserved]
+        self._ids = _chunk_ids(ids, [c for c, _ in reserved], bpc)
+        self._bpc = bpc
+        self._saved_layers: set[int] = set()
+        self._gpu = None
+        if self._slots and layout.is_cuda:
+            try:
+                from .gpu_movers import LayerwiseSave
+                self._gpu = LayerwiseSave(layout, self._ids, [s.ptr for s in self._slots], bpc,
+                                          keepalive=self._slots)
+            except BaseException:
+                self._abort()
+                raise
+
+    @property
+    def stored(self) -> int:
+        return len(self._slots)
+
+    def save_layer(self, layer: int, stream: Any = 0) -> None:
+        """Gathers layer `layer` once `stream` has computed it (CUDA); host caches are gathered
+        in finish()."""
+        if self._gpu is None or layer in self._saved_layers:
+            return
+        if not 0 <= layer < self.layout.num_layers:
+            raise InvalidArgumentError(f"layer {layer} outside [0, {self.layout.num_layers})")
+        self._gpu.save_layer(layer, stream)
+        self._saved_layers.add(layer)
+
+    def finish(self, timeout_s: float = 60.0) -> int:
+        """Completes the save (layers not saved yet are gathered after the legacy default stream),
+        commits the slots and queues write-back; returns the number of chunks stored."""
+        if not self._slots:
+            return 0
+        try:
+            if self._gpu is not None:
+                for layer in range(self.layout.num_layers):
+                    if layer not in self._saved_layers:
+                        self._gpu.save_layer(layer, 0)
+                self._gpu.wait(timeout_s)
+            else:
+                movers.gather(self.layout, self._ids, [s.ptr for s in self._slots], self._bpc)
+        except BaseException:
+            self._abort()
+            raise
+        finally:
+            if self._gpu is not None:
+                self._gpu.close()
+                self._gpu = None
+        slots, self._slots = self._slots, []
+        self._store.commit_saved(slots)
+        return len(slots)
+
+    def abort(self) -> None:
+        """Drops the reserved slots without publishing anything."""
+        if self._gpu is not None:
+            try:
+                self._gpu.wait(60.0)
+            finally:
+                self._gpu.close()
+                self._gpu = None
+        self._abort()
+
+    def _abort(self) -> None:
+        for slot in self._slots:
+            self._store.dram.abort(slot)
+        self._slots = []
