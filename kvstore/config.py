@@ -17,6 +17,10 @@ import yaml
 from .errors import ConfigError
 
 ENV_PREFIX = "KVSTORE_"
+# KVSTORE_* variables that are not config keys: the config file, build switches (setup.py) and
+# test switches (tests/). Every other KVSTORE_* variable must name a config key.
+NOT_CONFIG_ENV = {"KVSTORE_CONFIG", "KVSTORE_BUILD_JOBS", "KVSTORE_BUILD_TYPE", "KVSTORE_CUDA",
+                  "KVSTORE_REQUIRE_VLLM", "KVSTORE_VLLM_TEST_UTILS"}
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 10**6, "mb": 10**6, "mib": 1 << 20,
           "g": 10**9, "gb": 10**9, "gib": 1 << 30, "t": 10**12, "tb": 10**12, "tib": 1 << 40}
 
@@ -119,7 +123,7 @@ class Config:
             values.update(_read_yaml(Path(path)))
         known = set(cls.keys())
         for name, raw in env.items():
-            if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            if not name.startswith(ENV_PREFIX) or name in NOT_CONFIG_ENV:
                 continue
             key = name[len(ENV_PREFIX):].lower()
             if key not in known:

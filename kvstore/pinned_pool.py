@@ -133,6 +133,17 @@ class PinnedPool:
             if slot is not None:
                 slot.persisted = True
 
+    def preallocate(self, nbytes: int) -> int:
+        """Allocates (and pins) slabs for objects of nbytes up to the capacity cap now, so that
+        no save pays for page-locking later (~0.4 s/GiB). Returns the bytes allocated."""
+        slot_nbytes = align_up(nbytes)
+        before = self.allocated_bytes
+        with self._lock:
+            self._slabs.setdefault(slot_nbytes, [])
+            while self._grow(slot_nbytes):
+                pass
+        return self.allocated_bytes - before
+
     # ---- eviction ----------------------------------------------------------------------------
     def evict_all(self) -> int:
         """Drops every committed object that has no readers; returns how many."""

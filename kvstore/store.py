@@ -214,6 +214,10 @@ class Store:
         self.stats_counters.add("misses", requested - loaded)
         self.stats_counters.add("bytes", loaded * nbytes, tier="dram", dst="engine")
 
+    def preallocate(self, layout: KVLayout) -> int:
+        """Pins the whole DRAM tier now for this layout's chunk size (engines call it at start-up)."""
+        return self.dram.preallocate(layout.chunk_nbytes(self.config.chunk_tokens))
+
     # ---- maintenance -------------------------------------------------------------------------
     def flush(self, timeout_s: float = 60.0) -> bool:
         """Waits until write-back has put every saved object on SSD; False on timeout."""

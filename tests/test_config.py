@@ -72,3 +72,8 @@ def test_describe_lists_every_key():
     text = Config.load(env={}).describe()
     for key in Config.keys():
         assert f"\n{key}: " in "\n" + text
+
+
+def test_build_and_test_switches_are_not_config_keys():
+    cfg = Config.load(env={"KVSTORE_BUILD_JOBS": "2", "KVSTORE_REQUIRE_VLLM": "1", "KVSTORE_CUDA": "0"})
+    assert cfg == Config.load(env={})

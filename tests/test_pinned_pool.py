@@ -106,3 +106,12 @@ def test_evict_all_keeps_pinned():
     assert pool.evict_all() == 2
     assert pool.contains(key(1)) and np.all(r.payload == 1)
     pool.release(r)
+
+
+def test_preallocate_fills_the_cap_once():
+    pool = PinnedPool(capacity_bytes=40 * KiB, slab_bytes=16 * KiB, pin=False)
+    assert pool.preallocate(8 * KiB) == 40 * KiB
+    assert pool.preallocate(8 * KiB) == 0
+    for i in range(5):
+        fill(pool, i)
+    assert pool.allocated_bytes == 40 * KiB and len(pool) == 5

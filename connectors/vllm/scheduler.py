@@ -93,12 +93,14 @@ class ConnectorScheduler:
             state.block_ids = list(req.block_ids[0])
             self._plan(meta, req.req_id, state, req.num_computed_tokens + scheduler_output.num_scheduled_tokens[req.req_id])
         cached = scheduler_output.scheduled_cached_reqs
+        resumed_ids = getattr(cached, "resumed_req_ids", None)  # vLLM < 0.3x: resumed_from_preemption
         for i, req_id in enumerate(cached.req_ids):
             state = self._requests.get(req_id)
             if state is None:
                 continue
             new_blocks = cached.new_block_ids[i]
-            if req_id in cached.resumed_req_ids:  # after preemption the table is replaced
+            resumed = req_id in resumed_ids if resumed_ids is not None else cached.resumed_from_preemption[i]
+            if resumed:  # after preemption the table is replaced
                 state.block_ids = list(new_blocks[0]) if new_blocks is not None else []
             elif new_blocks is not None:
                 state.block_ids.extend(new_blocks[0])

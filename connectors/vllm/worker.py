@@ -28,6 +28,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def layout_of_vllm_caches(tensors: list, *, head_size: int | None, mla: bool) -> KVLayout:
+    """vLLM >= 0.33 hands per-layer [B,H,N,C] views (K|V packed along C); older releases hand
+    FlashAttention's [2,B,N,H,D], FlashInfer's [B,2,N,H,D] or MLA's [B,N,D] per layer."""
+    shape = tuple(tensors[0].shape)
+    if len(shape) == 4:
+        return KVLayout.from_vllm(tensors, head_size=head_size, mla=mla)
+    if len(shape) == 5 and shape[0] == 2:
+        return KVLayout.from_flash_attn(tensors)
+    if len(shape) == 5 and shape[1] == 2:
+        return KVLayout.from_flashinfer(tensors)
+    if len(shape) == 3 and mla:
+        return KVLayout.from_mla(tensors)
+    raise KVStoreError(f"unrecognised vLLM KV cache tensor shape {shape}")
+
+
 class ConnectorWorker:
     def __init__(self, vllm_config, settings: ConnectorSettings, store: Store):
         self._settings = settings
@@ -45,12 +60,14 @@ class ConnectorWorker:
     # ---- set-up ------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, "torch.Tensor"]) -> None:
         self._layer_index = {name: i for i, name in enumerate(kv_caches)}
-        self.layout = KVLayout.from_vllm(list(kv_caches.values()), head_size=self._head_size, mla=self._mla)
+        self.layout = layout_of_vllm_caches(list(kv_caches.values()), head_size=self._head_size, mla=self._mla)
         if self._block_size % self.layout.block_size:
             raise KVStoreError(f"vLLM block size {self._block_size} is not a multiple of the kernel block size "
                                f"{self.layout.block_size}")
         # Views are at kernel-block granularity when --block-size exceeds the kernel's block.
         self._kernel_blocks_per_block = self._block_size // self.layout.block_size
+        if self.layout.is_cuda:  # pin the DRAM tier now, not during the first saves
+            self._store.preallocate(self.layout)
 
     def _kernel_ids(self, block_ids: list[int]) -> np.ndarray:
         ids = np.asarray(block_ids, dtype=np.int64)
