@@ -7,15 +7,16 @@ import sys
 
 from .errors import KVStoreError
 
-# `kvstore bench NAME` runs kvstore.benchmarks.NAME: add_arguments(parser) and run(args).
+# `kvstore bench NAME` runs a module of kvstore.benchmarks: add_arguments(parser) and run(args).
 BENCHMARKS = {
-    "tiers": "DRAM and SSD tier GB/s vs memcpy and dd O_DIRECT ceilings",
-    "gpu": "GPU gather/scatter vs the pinned memcpy ceiling (needs a GPU)",
+    "tiers": ("tiers", "DRAM and SSD tier GB/s vs memcpy and dd O_DIRECT ceilings"),
+    "gpu": ("gpu", "GPU gather/scatter vs the pinned memcpy ceiling (needs a GPU)"),
+    "e2e": ("e2e.vllm_ttft", "TTFT in real vLLM: recompute vs native CPU offload vs kvstore (needs a GPU)"),
 }
 
 
 def _bench_module(name: str):
-    return importlib.import_module(f"kvstore.benchmarks.{name}")
+    return importlib.import_module(f"kvstore.benchmarks.{BENCHMARKS[name][0]}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("--config-file", default=None, help="YAML file (default: $KVSTORE_CONFIG)")
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="benchmark", required=True)
-    for name, text in BENCHMARKS.items():
+    for name, (_, text) in BENCHMARKS.items():
         p = bench.add_parser(name, help=text)
         try:
             _bench_module(name).add_arguments(p)

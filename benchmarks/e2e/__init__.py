@@ -1,0 +1,1 @@
+"""End-to-end benchmarks inside real engines (kvstore.benchmarks.e2e)."""
