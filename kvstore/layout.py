@@ -173,25 +173,25 @@ class KVLayout:
     @classmethod
     def from_flash_attn(cls, kv_caches: Sequence[Any] | Mapping[str, Any]) -> "KVLayout":
         """Classic FlashAttention per-layer [2, num_blocks, block_size, num_heads, head_size]."""
-        views = _layer_views(kv_caches, 5, "FlashAttention [2,B,N,H,D]")
-        v = views[0]
-        if v.shape[0] != 2:
-            raise LayoutError(f"FlashAttention cache must have K/V dim 2 first, got shape {v.shape}")
-        _, B, N, H, D = v.shape
-        return cls._build(views, (0, v.strides[0]), num_heads=H, head_nbytes=D * v.itemsize, block_size=N,
-                          num_blocks=B, block_stride=v.strides[1], token_stride=v.strides[2],
-                          head_stride=v.strides[3], owners=kv_caches)
+        return cls._from_kv_split(kv_caches, kv_dim=0, what="FlashAttention [2,B,N,H,D]")
 
     @classmethod
     def from_flashinfer(cls, kv_caches: Sequence[Any] | Mapping[str, Any]) -> "KVLayout":
-        """FlashInfer per-layer [num_blocks, 2, block_size, num_heads, head_size]."""
-        views = _layer_views(kv_caches, 5, "FlashInfer [B,2,N,H,D]")
+        """FlashInfer (and vLLM <= 0.2x FlashAttention) per-layer [num_blocks, 2, block_size, num_heads, head_size]."""
+        return cls._from_kv_split(kv_caches, kv_dim=1, what="FlashInfer [B,2,N,H,D]")
+
+    @classmethod
+    def _from_kv_split(cls, kv_caches, *, kv_dim: int, what: str) -> "KVLayout":
+        """Per-layer 5-D caches whose dims 0 and 1 are K/V (size 2) and blocks, in either order."""
+        views = _layer_views(kv_caches, 5, what)
         v = views[0]
-        if v.shape[1] != 2:
-            raise LayoutError(f"FlashInfer cache must have K/V dim 2 second, got shape {v.shape}")
-        B, _, N, H, D = v.shape
-        return cls._build(views, (0, v.strides[1]), num_heads=H, head_nbytes=D * v.itemsize, block_size=N,
-                          num_blocks=B, block_stride=v.strides[0], token_stride=v.strides[2],
+        block_dim = 1 - kv_dim
+        if v.shape[kv_dim] != 2:
+            raise LayoutError(f"{what} cache must have K/V dim 2 {'first' if kv_dim == 0 else 'second'}, "
+                              f"got shape {v.shape}")
+        _, _, N, H, D = v.shape
+        return cls._build(views, (0, v.strides[kv_dim]), num_heads=H, head_nbytes=D * v.itemsize, block_size=N,
+                          num_blocks=v.shape[block_dim], block_stride=v.strides[block_dim], token_stride=v.strides[2],
                           head_stride=v.strides[3], owners=kv_caches)
 
     @classmethod
