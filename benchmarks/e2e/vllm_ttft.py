@@ -140,6 +140,7 @@ def run(args) -> dict:
             results[config] = {"error": done.returncode}
             continue
         results[config] = json.loads(Path(child_out).read_text())
+        (out_dir / f"e2e_vllm_{config}.json").write_text(json.dumps(results[config], indent=2))  # kept if cut off
     kv_bytes_per_token = 32 * 2 * 8 * 128 * 2  # Llama-3.1-8B bf16
     lengths = [int(x) for x in args.lengths.split(",")]
     ceilings = {str(n): _pinned_ceiling_gbps(n * kv_bytes_per_token) for n in lengths}
