@@ -35,7 +35,7 @@ void check_batch_shape(const IdArray& ids, const PtrArray& objs, int64_t bpc) {
 
 #ifdef KVSTORE_WITH_CUDA
 gpu::Options make_options(int path, int ctas, int threads, int64_t piece_bytes, int ring) {
-  KV_CHECK_ARG(path >= 0 && path <= 2, "path must be 0 (auto), 1 (direct) or 2 (staged)");
+  KV_CHECK_ARG(path >= 0 && path <= 3, "path must be 0 (auto), 1 (direct), 2 (staged) or 3 (staged, copy engines)");
   gpu::Options o;
   o.path = static_cast<gpu::Path>(path);
   o.ctas = ctas;
@@ -57,6 +57,7 @@ void bind_gpu_movers(py::module_& m) {
   m.attr("GPU_PATH_AUTO") = 0;
   m.attr("GPU_PATH_DIRECT") = 1;
   m.attr("GPU_PATH_STAGED") = 2;
+  m.attr("GPU_PATH_STAGED_CE") = 3;
 
 #ifdef KVSTORE_WITH_CUDA
   auto one_shot = [](Direction dir) {

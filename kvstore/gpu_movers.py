@@ -15,7 +15,8 @@ accepted wherever a stream is, through its `.cuda_stream`).
 
 Paths (kvstore._C.GPU_PATH_*): direct = the kernel reads/writes pinned memory zero-copy over
 PCIe; staged = DMA of whole contiguous object slices into a small device ring plus an on-GPU
-kernel with few CTAs. PATH_AUTO picks per call by the rule measured in benchmarks/gpu.py.
+kernel with few CTAs; staged_ce = the same ring with the device-side move done by the copy engines
+too (no SMs; layouts whose per-block unit is contiguous, else it runs as staged). PATH_AUTO picks per call by the rule measured in benchmarks/gpu.py.
 """
 from __future__ import annotations
 
@@ -29,10 +30,17 @@ from ._native import C
 from .errors import GPUUnavailableError, InvalidArgumentError, KVTimeoutError
 from .layout import KVLayout
 
-PATH_AUTO, PATH_DIRECT, PATH_STAGED = 0, 1, 2
-PATH_NAMES = {PATH_DIRECT: "direct", PATH_STAGED: "staged"}
+PATH_AUTO, PATH_DIRECT, PATH_STAGED, PATH_STAGED_CE = 0, 1, 2, 3
+PATH_NAMES = {PATH_DIRECT: "direct", PATH_STAGED: "staged", PATH_STAGED_CE: "staged_ce"}
 
 _local = threading.local()
+_sm_counts: dict[int, int] = {}
+
+
+def sm_count(device: int) -> int:
+    if device not in _sm_counts:
+        _sm_counts[device] = int(C.cuda_device_info(device)["sm_count"])
+    return _sm_counts[device]
 
 
 def stream_handle(stream: Any) -> int:
@@ -126,9 +134,14 @@ def _wait_event(event: int, timeout_s: float | None, what: str) -> None:
 
 
 class _Layerwise:
+    default_priority = 0
+
+    @staticmethod
+    def default_ctas(device: int) -> int:
+        return 0  # the path's own default
     def __init__(self, layout: KVLayout, block_ids, object_ptrs, blocks_per_chunk: int, *, stream: Any = None,
                  layers: tuple[int, int] | None = None, path: int = PATH_AUTO, ctas: int = 0, piece_bytes: int = 0,
-                 keepalive: Any = None):
+                 keepalive: Any = None, priority: int | None = None):
         self.device = check_gpu(layout)
         self.layout = layout
         self.layers = layers or (0, layout.num_layers)
@@ -137,8 +150,12 @@ class _Layerwise:
             raise InvalidArgumentError(f"layer range [{lb}, {le}) outside [0, {layout.num_layers})")
         ids, objs = _batch(block_ids, object_ptrs, blocks_per_chunk)
         self._own_stream = stream is None
-        self.stream = C.cuda_stream_create(self.device, 0) if stream is None else stream_handle(stream)
-        self.path, self.ctas = path, ctas
+        # priority (own stream only): CUDA's scale, 0 = lowest (the default), negative = higher
+        # (clamped to the device's range); None = the class's default.
+        if priority is None:
+            priority = self.default_priority
+        self.stream = C.cuda_stream_create(self.device, priority) if stream is None else stream_handle(stream)
+        self.path, self.ctas = path, ctas or self.default_ctas(self.device)
         # One staging piece per layer (capped): one DMA + one kernel per layer keeps the host cost
         # of enqueueing small; successive layers still overlap (DMA of l+1 with the kernel of l).
         self.piece_bytes = piece_bytes or int(min(64 << 20, max(1 << 20, layout.layer_nbytes(
@@ -189,44 +206,71 @@ class _Layerwise:
 
 
 class LayerwiseLoad(_Layerwise):
-    """Objects -> engine blocks, layer by layer on the load stream (DESIGN.md §3)."""
+    """Objects -> engine blocks, layer by layer on the load stream (DESIGN.md §3).
 
-    def start(self, after_stream: Any = None, background: bool = False) -> "LayerwiseLoad":
-        """Enqueues every layer: layer l of every chunk is one launch, then event_l. With
+    Defaults measured on H100 (benchmarks/gpu.py layer-wise part, results/gpu_H100-80GB-HBM3.md):
+    the per-layer scatter kernel gets SMs only between the forward's kernels (a running GEMM
+    holds them all), i.e. it sits on the critical path once per layer; so it runs as one short
+    burst on every SM (ctas = SM count: ~13 us for 16 MiB instead of ~80 us with 8 CTAs), on a
+    high-priority stream so that it is dispatched first in that gap. Overhead of a 32-layer
+    forward with compute ~1.1x the transfer: 32-35 % -> 6.5-8.7 % (layer 0 exposed; floor 2.8 %)."""
+    default_priority = -5  # the highest; CUDA clamps it to the device's range
+
+    @staticmethod
+    def default_ctas(device: int) -> int:
+        return sm_count(device)
+
+    def start(self, after_stream: Any = None, background: bool = False,
+              lookahead: int | None = None) -> "LayerwiseLoad":
+        """Enqueues the layers: layer l of every chunk is one launch, then event_l. With
         `after_stream`, the loads start only after the work already issued to that stream.
         background=True enqueues from a helper thread (the native calls drop the GIL), so the
         caller goes on enqueueing its forward at once; wait_layer(l) then blocks the host only
-        until layer l has been *enqueued* (microseconds), never until it has arrived."""
+        until layer l has been *enqueued* (microseconds), never until it has arrived.
+        lookahead=k (not with background): start() enqueues only the first k layers and
+        wait_layer(l) enqueues up to layer l+k, so the host's enqueue cost (~25 us a layer) is
+        spread over the forward instead of delaying its first kernel; wait() enqueues the rest."""
         if self._issued or getattr(self, "_thread", None) is not None:
             raise InvalidArgumentError("LayerwiseLoad.start called twice")
+        if lookahead is not None and (background or lookahead < 1):
+            raise InvalidArgumentError("lookahead must be >= 1 and cannot be combined with background")
         lb, le = self.layers
         self._enqueued = {layer: threading.Event() for layer in range(lb, le)}
         self._error: BaseException | None = None
+        self._next = lb
+        self._lookahead = lookahead
         if after_stream is not None:
             C.cuda_event_record(self._events[0], stream_handle(after_stream))
             C.cuda_stream_wait_event(self.stream, self._events[0])
 
-        def enqueue():
-            try:
-                for layer in range(lb, le):
-                    self._plan.scatter(layer, layer + 1, path=self.path, ctas=self.ctas, piece_bytes=self.piece_bytes)
-                    C.cuda_event_record(self._event(layer), self.stream)
-                    self._issued.add(layer)
-                    self._enqueued[layer].set()
-            except BaseException as e:  # surfaced by wait_layer / wait
-                self._error = e
-                for ev in self._enqueued.values():
-                    ev.set()
-
         if background:
-            self._thread = threading.Thread(target=enqueue, name="kvstore-layerwise-load", daemon=True)
+            self._thread = threading.Thread(target=self._enqueue_upto, args=(le,), name="kvstore-layerwise-load",
+                                            daemon=True)
             self._thread.start()
         else:
             self._thread = None
-            enqueue()
+            self._enqueue_upto(le if lookahead is None else min(le, lb + lookahead))
             if self._error is not None:
                 raise self._error
         return self
+
+    def _enqueue_upto(self, stop: int) -> None:
+        try:
+            while self._next < stop:
+                layer = self._next
+                self._plan.scatter(layer, layer + 1, path=self.path, ctas=self.ctas, piece_bytes=self.piece_bytes)
+                C.cuda_event_record(self._event(layer), self.stream)
+                self._issued.add(layer)
+                self._next = layer + 1
+                self._enqueued[layer].set()
+        except BaseException as e:  # surfaced by wait_layer / wait
+            self._error = e
+            for ev in self._enqueued.values():
+                ev.set()
+
+    def _lazy_enqueue(self, stop: int) -> None:
+        if getattr(self, "_lookahead", None) is not None and self._error is None:
+            self._enqueue_upto(min(self.layers[1], stop))
 
     def _enqueued_or_raise(self, layer: int, timeout_s: float | None) -> None:
         ev = getattr(self, "_enqueued", {}).get(layer)
@@ -239,11 +283,13 @@ class LayerwiseLoad(_Layerwise):
 
     def wait_layer(self, layer: int, stream: Any = 0, timeout_s: float | None = 60.0) -> None:
         """`stream` waits (on the device) until layer `layer` has arrived. No host synchronisation."""
+        self._lazy_enqueue(layer + 1 + (getattr(self, "_lookahead", None) or 0))
         self._enqueued_or_raise(layer, timeout_s)
         C.cuda_stream_wait_event(stream_handle(stream), self._event(layer))
 
     def wait(self, timeout_s: float | None = 60.0) -> None:
         """Host wait for every layer."""
+        self._lazy_enqueue(self.layers[1])
         for layer in sorted(getattr(self, "_enqueued", {})):
             self._enqueued_or_raise(layer, timeout_s)
             _wait_event(self._event(layer), timeout_s, f"layer-wise load of layer {layer}")

@@ -26,7 +26,7 @@ from kvstore.layout import KVLayout  # noqa: E402
 
 DTYPES = {2: torch.bfloat16, 1: torch.uint8}
 VLLM_ORDERS = ["LBHNC", "LBNHC", "LHBNC", "BLHNC", "BLNHC", "BHLNC"]
-PATHS = [gpu_movers.PATH_DIRECT, gpu_movers.PATH_STAGED]
+PATHS = [gpu_movers.PATH_DIRECT, gpu_movers.PATH_STAGED, gpu_movers.PATH_STAGED_CE]
 
 
 def rand_bytes(gen: torch.Generator, shape, dtype) -> torch.Tensor:
@@ -227,7 +227,8 @@ def test_layerwise_load_orders_compute():
         compute = torch.cuda.Stream()
         snaps = []
         h = gpu_movers.LayerwiseLoad(lay, ids, objs.ptrs, bpc, path=path, keepalive=objs)
-        h.start(after_stream=torch.cuda.current_stream(), background=(path == gpu_movers.PATH_STAGED))
+        h.start(after_stream=torch.cuda.current_stream(), background=(path == gpu_movers.PATH_STAGED),
+                lookahead=(2 if path == gpu_movers.PATH_STAGED_CE else None))
         with torch.cuda.stream(compute):
             for layer in range(L):
                 h.wait_layer(layer, compute)

@@ -36,8 +36,16 @@ inline cudaEvent_t as_event(uintptr_t e) { return reinterpret_cast<cudaEvent_t>(
 constexpr int kDefaultThreads = 1024;
 constexpr int kDirectGatherCtas = 16;   // D2H zero-copy writes are posted: few CTAs saturate PCIe
 constexpr int kDirectScatterCtas = 16;  // host reads need bytes in flight, bounded to 16 SMs
-constexpr int kStagedCtas = 8;          // device<->device side of the staged path
-constexpr int64_t kPieceBytes = int64_t(4) << 20;
+// Device<->device side of the staged path, and its DMA piece. Measured on H100 (bench gpu, runs
+// F/G in results/gpu_H100-80GB-HBM3.md): 4 CTAs x 1024 threads keep save/load at the same GB/s as
+// 8 (53.1-53.4 GB/s, 512 MiB), and 16 MiB pieces (a quarter of the launches) are ~1 % faster than
+// 4 MiB. GEMM interference is not settled by this choice: a persistent cuBLAS GEMM holds every
+// SM, so this kernel runs only in the gaps between GEMMs and the transfer is starved while GEMMs
+// run back to back (run H: <= 1 of 512 MiB done in a 57 ms GEMM loop); the measured GEMM loss
+// (-3..+10 %) depends on whether the kernels get into those gaps.
+// Ring: 4 x 16 MiB = 64 MiB of device memory per plan while it moves (stream-ordered pool).
+constexpr int kStagedCtas = 4;
+constexpr int64_t kPieceBytes = int64_t(16) << 20;
 constexpr int kRing = 4;
 constexpr int kUnroll = 4;
 
@@ -232,6 +240,8 @@ struct Plan::Impl {
   const uint64_t* d_planes = nullptr;
   const int64_t* d_ids = nullptr;
   const uint64_t* d_objs = nullptr;
+  std::vector<int64_t> ids_host;
+  bool unit_contiguous = false;  // one (layer, plane, block) unit is one contiguous engine range
   int width = 1;
   bool objects_on_host = true;
   // staged path, created on first use
@@ -285,6 +295,9 @@ Plan::Plan(const Layout& layout, const int64_t* block_ids, const uint64_t* objec
   }
   m.width = largest_width(bits);
   m.obj_host.assign(object_ptrs, object_ptrs + num_chunks);
+  m.ids_host.assign(block_ids, block_ids + num_chunks * blocks_per_chunk);
+  m.unit_contiguous = (layout.num_heads == 1 || layout.head_stride == layout.head_nbytes) &&
+                      (layout.block_size == 1 || layout.token_stride == int64_t(layout.num_heads) * layout.head_nbytes);
 
   const size_t n_planes = layout.plane_ptrs.size(), n_ids = size_t(num_chunks * blocks_per_chunk);
   const size_t bytes = 8 * (n_planes + n_ids + size_t(num_chunks));
@@ -349,7 +362,8 @@ Path Plan::run(Direction dir, int32_t lb, int32_t le, const Options& opt) {
                "threads must be a multiple of 32 in [32, 1024]");
   KV_CHECK_ARG(opt.piece_bytes >= 0 && opt.ring >= 0 && opt.ring <= 64, "bad staging piece size or ring depth");
   Path path = opt.path == Path::kAuto ? choose(dir, lb, le) : opt.path;
-  KV_CHECK_ARG(path == Path::kDirect || path == Path::kStaged, "unknown path");
+  KV_CHECK_ARG(path == Path::kDirect || path == Path::kStaged || path == Path::kStagedCE, "unknown path");
+  if (path == Path::kStagedCE && !m.unit_contiguous) path = Path::kStaged;
   if (num_chunks_ == 0) return path;
   KV_CUDA(cudaSetDevice(device_));
   cudaStream_t s = as_stream(stream_);
@@ -439,6 +453,35 @@ Path Plan::run(Direction dir, int32_t lb, int32_t le, const Options& opt) {
   const int ctas = opt.ctas ? opt.ctas : kStagedCtas;
   std::vector<uint64_t> dsts, srcs;
   std::vector<int64_t> sizes;
+  // Copy-engine variant of kernel(): one batched DMA of whole engine units <-> the packed piece.
+  const int64_t unit_bytes = int64_t(L.block_size) * L.num_heads * L.head_nbytes;
+  std::vector<uint64_t> ce_dsts, ce_srcs;
+  std::vector<int64_t> ce_sizes;
+  auto ce_copy = [&](int64_t c0, int64_t n, int32_t a, int32_t b, uint64_t sp) {
+    ce_dsts.clear();
+    ce_srcs.clear();
+    ce_sizes.clear();
+    const int64_t seg = int64_t(b - a) * layer_bytes;
+    for (int64_t i = 0; i < n; ++i)
+      for (int32_t li = a; li < b; ++li)
+        for (int32_t pl = 0; pl < L.num_planes; ++pl) {
+          const uint64_t plane = L.plane_ptrs[size_t(li) * L.num_planes + pl];
+          for (int64_t k = 0; k < m.bpc; ++k) {
+            const int64_t block = m.ids_host[size_t((c0 + i) * m.bpc + k)];
+            if (block == kSkipBlock) continue;
+            const uint64_t eng = plane + uint64_t(block * L.block_stride);
+            const uint64_t stg = sp + uint64_t(i * seg + ((int64_t(li - a) * L.num_planes + pl) * m.bpc + k) * unit_bytes);
+            ce_dsts.push_back(gather ? stg : eng);
+            ce_srcs.push_back(gather ? eng : stg);
+            ce_sizes.push_back(unit_bytes);
+          }
+        }
+    if (!ce_sizes.empty()) memcpy_segments(ce_dsts, ce_srcs, ce_sizes, stream_, true);
+  };
+  auto device_side = [&](int64_t c0, int64_t n, int32_t a, int32_t b, uint64_t sp) {
+    if (path == Path::kStagedCE) ce_copy(c0, n, a, b, sp);
+    else kernel(c0, n, a, b, sp, ctas);
+  };
   int64_t piece = 0;
   for (int64_t c0 = 0; c0 < num_chunks_; c0 += cpp) {
     const int64_t n = std::min(cpp, num_chunks_ - c0);
@@ -459,7 +502,7 @@ Path Plan::run(Direction dir, int32_t lb, int32_t le, const Options& opt) {
       }
       if (gather) {
         KV_CUDA(cudaStreamWaitEvent(s, m.ev_free[slot], 0));
-        kernel(c0, n, a, b, sp, ctas);
+        device_side(c0, n, a, b, sp);
         KV_CUDA(cudaEventRecord(m.ev_ready[slot], s));
         KV_CUDA(cudaStreamWaitEvent(m.aux, m.ev_ready[slot], 0));
         memcpy_segments(dsts, srcs, sizes, reinterpret_cast<uintptr_t>(m.aux), true);
@@ -469,7 +512,7 @@ Path Plan::run(Direction dir, int32_t lb, int32_t le, const Options& opt) {
         memcpy_segments(dsts, srcs, sizes, reinterpret_cast<uintptr_t>(m.aux), true);
         KV_CUDA(cudaEventRecord(m.ev_ready[slot], m.aux));
         KV_CUDA(cudaStreamWaitEvent(s, m.ev_ready[slot], 0));
-        kernel(c0, n, a, b, sp, ctas);
+        device_side(c0, n, a, b, sp);
         KV_CUDA(cudaEventRecord(m.ev_free[slot], s));
       }
     }

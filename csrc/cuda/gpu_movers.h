@@ -21,7 +21,11 @@
 namespace kvstore {
 namespace gpu {
 
-enum class Path : int { kAuto = 0, kDirect = 1, kStaged = 2 };
+// kStagedCE: the staged path with the device-side move done by the copy engines
+// (cudaMemcpyBatchAsync of whole engine block units, device<->staging) instead of the kernel, so
+// no SMs are used at all; only where one (layer, plane, block) unit is contiguous in the engine
+// cache (FlashAttention [2,B,N,H,D], MLA [B,N,D], vLLM [B,N,H,C]); elsewhere it runs as kStaged.
+enum class Path : int { kAuto = 0, kDirect = 1, kStaged = 2, kStagedCE = 3 };
 
 struct Options {
   Path path = Path::kAuto;
