@@ -11,6 +11,7 @@ from .errors import KVStoreError
 BENCHMARKS = {
     "tiers": ("tiers", "DRAM and SSD tier GB/s vs memcpy and dd O_DIRECT ceilings"),
     "gpu": ("gpu", "GPU gather/scatter vs the pinned memcpy ceiling (needs a GPU)"),
+    "worker": ("worker_gpu", "vLLM worker path on CUDA: layer-wise save/load GB/s and per-layer waits (needs a GPU)"),
     "e2e": ("e2e.vllm_ttft", "TTFT in real vLLM: recompute vs native CPU offload vs kvstore (needs a GPU)"),
 }
 
