@@ -1,15 +1,15 @@
-"""`kvstore bench e2e`: TTFT inside real vLLM, side by side in one run, each configuration in
-its own process: recompute (no connector), vLLM's native CPU offload (kv_offloading_size), and
-kvstore (our connector by module path), at the same DRAM budget.
-
-Per prompt length (k*chunk + 1 tokens, so a reload and a GPU prefix hit both compute only the
-last token over the same cached tokens), for each of N random prompts:
-  first   = TTFT of the prompt never seen before (0 % hit)
-  gpu_hit = the same prompt again (vLLM's own GPU prefix cache: the floor)
-  reload  = again after reset_prefix_cache() (from the offload tier; recomputed without one)
-Correctness in the same run: the reload's greedy token and top-5 logprobs must equal the GPU
-hit's, bit for bit, with weights re-drawn at a realistic scale (vLLM's dummy weights are too
-flat to tell). Transfer ceiling: one pinned cudaMemcpy of the same KV bytes, same run.
+"""`kvstore bench e2e`: TTFT inside real vLLM, each configuration in its own process, same DRAM
+budget for the offload tiers:
+  recompute             no connector
+  native                vLLM's own CPU offload (kv_offloading_size)
+  kvstore               our connector by module path, DRAM tier only
+  kvstore_ssd           our connector with a DRAM tier too small to hold a prompt: reloads come
+                        from the SSD tier (write-back flushed and DRAM evicted before each reload)
+  kvstore_nolayerwise   our connector with layer-wise loading off (loads finish before the forward)
+Scenarios (scenarios.py): single prompts (first / GPU hit / reload, bit-exact reload check),
+concurrency (N requests sharing a system prompt), multi-turn (users with growing histories).
+`--report DIR` turns the per-configuration JSON files of one or more runs on the same machine
+into the table, summary JSON and PNG plots.
 """
 from __future__ import annotations
 
@@ -23,82 +23,83 @@ import tempfile
 import time
 from pathlib import Path
 
-CONFIGS = ("recompute", "native", "kvstore")
+CONFIGS = ("recompute", "native", "kvstore", "kvstore_ssd", "kvstore_nolayerwise")
+KV_BYTES_PER_TOKEN = 32 * 2 * 8 * 128 * 2  # Llama-3.1-8B, bf16
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=False, default=None, help="config-only model folder (Llama-3.1-8B shape)")
-    p.add_argument("--lengths", default="8192,32768", help="prompt lengths in tokens (each gets +1)")
-    p.add_argument("--prompts", type=int, default=3, help="prompts per length (median reported)")
-    p.add_argument("--dram-gib", type=int, default=16, help="offload DRAM budget, same for native and kvstore")
-    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--model", default=None, help="config-only model folder (default: the bundled Llama-3.1-8B shape)")
+    p.add_argument("--configs", default=",".join(CONFIGS[:3]), help=f"comma list of {', '.join(CONFIGS)}")
+    p.add_argument("--scenarios", default="single,concurrency,multiturn")
+    p.add_argument("--lengths", default="4096,8192,16384,32768", help="single-prompt lengths (each +1 token)")
+    p.add_argument("--prompts", type=int, default=10, help="prompts per length (median reported)")
+    p.add_argument("--dram-gib", type=int, default=8, help="offload DRAM budget for native and kvstore")
+    p.add_argument("--gpu-blocks", type=int, default=4096, help="GPU KV blocks (small, so multi-turn evicts)")
     p.add_argument("--chunk-tokens", type=int, default=256)
     p.add_argument("--max-model-len", type=int, default=33024)
+    p.add_argument("--ssd-path", default="/tmp/kvstore-e2e-ssd")
     p.add_argument("--out", default="bench-out")
+    p.add_argument("--report", default=None, help="only build the report from the JSON files in this folder")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
 
 
-def _realistic_weights(model) -> None:
-    import torch
-    g = torch.Generator(device="cuda").manual_seed(1234)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.empty_like(p, dtype=torch.float32).normal_(0, 0.02, generator=g).to(p.dtype))
+def _llm(args):
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    kw = dict(model=args.model, load_format="dummy", skip_tokenizer_init=True, max_model_len=args.max_model_len,
+              gpu_memory_utilization=0.85, seed=0, enable_prefix_caching=True,
+              num_gpu_blocks_override=args.gpu_blocks)
+    store = {"dram_capacity_bytes": f"{args.dram_gib}GiB", "dram_slab_bytes": "1GiB", "ssd_path": "none"}
+    extra = {"chunk_tokens": args.chunk_tokens}
+    if args.child == "native":
+        kw.update(kv_offloading_size=args.dram_gib, kv_offloading_backend="native")
+    elif args.child.startswith("kvstore"):
+        if args.child == "kvstore_ssd":
+            store.update(dram_capacity_bytes="512MiB", dram_slab_bytes="512MiB", ssd_path=args.ssd_path,
+                         ssd_capacity_bytes="40GiB", ssd_slab_bytes="4GiB")
+        if args.child == "kvstore_nolayerwise":
+            extra["layerwise"] = False
+        kw["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="KVStoreConnector", kv_connector_module_path="kvstore.connectors.vllm", kv_role="kv_both",
+            kv_connector_extra_config={**extra, "store": store})
+    return LLM(**kw)
+
+
+def _store_counters() -> dict:
+    from kvstore.connectors import shared_store
+    return {k: v for s in shared_store._stores.values() for k, v in s.stats()["counters"].items()}
 
 
 def _child(args) -> dict:
-    import torch
-    from vllm import LLM, SamplingParams
-    from vllm.config import KVTransferConfig
-    from vllm.inputs import TokensPrompt
+    from . import scenarios
 
-    kw = dict(model=args.model, load_format="dummy", skip_tokenizer_init=True, max_model_len=args.max_model_len,
-              gpu_memory_utilization=0.80, seed=0, enable_prefix_caching=True)
-    if args.child == "native":
-        kw["kv_offloading_size"] = args.dram_gib
-        kw["kv_offloading_backend"] = "native"
-    elif args.child == "kvstore":
-        kw["kv_transfer_config"] = KVTransferConfig(
-            kv_connector="KVStoreConnector", kv_connector_module_path="kvstore.connectors.vllm", kv_role="kv_both",
-            kv_connector_extra_config={"chunk_tokens": args.chunk_tokens, "store": {
-                "dram_capacity_bytes": f"{args.dram_gib}GiB", "ssd_path": "none", "dram_slab_bytes": "1GiB"}})
     t0 = time.perf_counter()
-    llm = LLM(**kw)
-    startup_s = time.perf_counter() - t0
-    llm.apply_model(_realistic_weights)
-    sp = SamplingParams(max_tokens=1, temperature=0.0, logprobs=5)
+    llm = _llm(args)
+    result = {"config": args.child, "startup_s": time.perf_counter() - t0}
+    llm.apply_model(scenarios.realistic_weights)
+    before_reload = None
+    if args.child == "kvstore_ssd":
+        from kvstore.connectors import shared_store
 
-    def ttft(ids):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        out = llm.generate([TokensPrompt(prompt_token_ids=ids)], sp, use_tqdm=False)[0]
-        dt = time.perf_counter() - t
-        o = out.outputs[0]
-        top = sorted(((int(tok), float(lp.logprob)) for tok, lp in o.logprobs[0].items()), key=lambda x: -x[1])
-        return dt * 1e3, [int(o.token_ids[0])] + [v for pair in top for v in pair]
-
-    import random
-    rng = random.Random(7)
-    result = {"config": args.child, "startup_s": startup_s, "lengths": {}}
-    for length in [int(x) for x in args.lengths.split(",")]:
-        n = length + 1
-        ttft([rng.randrange(100, 120000) for _ in range(n)])  # warm-up: shapes, graphs
-        rows = []
-        for _ in range(args.prompts):
-            ids = [rng.randrange(100, 120000) for _ in range(n)]
-            first, _ = ttft(ids)
-            hit, hit_out = ttft(ids)
-            llm.reset_prefix_cache()
-            time.sleep(0.05)
-            reload, reload_out = ttft(ids)
-            rows.append({"first_ms": first, "gpu_hit_ms": hit, "reload_ms": reload, "exact": reload_out == hit_out})
-        result["lengths"][str(length)] = rows
-        print(f"[{args.child}] {length}: " + ", ".join(f"{k}={statistics.median(r[k] for r in rows):.1f}"
-                                                       for k in ("first_ms", "gpu_hit_ms", "reload_ms"))
-              + f", exact {sum(r['exact'] for r in rows)}/{len(rows)}", flush=True)
+        def before_reload():  # the reload must come from SSD: finish write-back, drop DRAM
+            for s in shared_store._stores.values():
+                s.flush(120)
+                s.evict("dram")
+    wanted = args.scenarios.split(",")
+    if "single" in wanted:
+        result["single"] = scenarios.single_prompt(llm, [int(x) for x in args.lengths.split(",")], args.prompts,
+                                                   before_reload)
+    if "concurrency" in wanted:
+        result["concurrency"] = scenarios.concurrency(llm, 8192, 256, [8, 32], before_reload)
+    if "multiturn" in wanted:
+        before = _store_counters() if args.child.startswith("kvstore") else {}
+        result["multiturn"] = scenarios.multi_turn(llm, users=20, turns=8, context_tokens=2048, question_tokens=256,
+                                                   answer_tokens=8)
+        if args.child.startswith("kvstore"):
+            after = _store_counters()
+            result["multiturn"]["store_counters"] = {k: after[k] - before.get(k, 0) for k in after}
+    result["vllm_prefix_cache_metrics"] = scenarios.prefix_cache_metrics(llm)
     return result
 
 
@@ -106,10 +107,9 @@ def _pinned_ceiling_gbps(nbytes: int) -> float:
     import torch
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst.copy_(src, non_blocking=True)
-    torch.cuda.synchronize()
     best = float("inf")
-    for _ in range(5):
+    for _ in range(6):
+        torch.cuda.synchronize()
         t = time.perf_counter()
         dst.copy_(src, non_blocking=True)
         torch.cuda.synchronize()
@@ -118,47 +118,40 @@ def _pinned_ceiling_gbps(nbytes: int) -> float:
 
 
 def run(args) -> dict:
+    if args.report:
+        from .report import build_report
+        return build_report(Path(args.report))
     if args.child:
         result = _child(args)
         Path(args.out).write_text(json.dumps(result))
         return result
-    model = args.model or str(Path(__file__).resolve().parent / "llama31_8b")
+    args.model = args.model or str(Path(__file__).resolve().parent / "llama31_8b")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = {}
+    import torch
+    gpu = torch.cuda.get_device_name()
     for config in args.configs.split(","):
-        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-            child_out = f.name
-        cmd = [sys.executable, "-m", "kvstore.benchmarks.e2e.vllm_ttft", "--child", config, "--model", model,
-               "--lengths", args.lengths, "--prompts", str(args.prompts), "--dram-gib", str(args.dram_gib),
-               "--chunk-tokens", str(args.chunk_tokens), "--max-model-len", str(args.max_model_len), "--out", child_out]
-        env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+        if config not in CONFIGS:
+            raise SystemExit(f"unknown configuration {config!r} (known: {', '.join(CONFIGS)})")
+        child_out = tempfile.mktemp(suffix=".json")
+        cmd = [sys.executable, "-m", "kvstore.benchmarks.e2e.vllm_ttft", "--child", config, "--model", args.model,
+               "--scenarios", args.scenarios, "--lengths", args.lengths, "--prompts", str(args.prompts),
+               "--dram-gib", str(args.dram_gib), "--gpu-blocks", str(args.gpu_blocks), "--chunk-tokens",
+               str(args.chunk_tokens), "--max-model-len", str(args.max_model_len), "--ssd-path", args.ssd_path,
+               "--out", child_out]
         print(f"== {config}", flush=True)
-        done = subprocess.run(cmd, env=env, timeout=900)
+        done = subprocess.run(cmd, env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0"), timeout=1200)
         if done.returncode != 0:
             print(f"{config} failed with exit code {done.returncode}", flush=True)
-            results[config] = {"error": done.returncode}
             continue
-        results[config] = json.loads(Path(child_out).read_text())
-        (out_dir / f"e2e_vllm_{config}.json").write_text(json.dumps(results[config], indent=2))  # kept if cut off
-    kv_bytes_per_token = 32 * 2 * 8 * 128 * 2  # Llama-3.1-8B bf16
+        result = json.loads(Path(child_out).read_text())
+        result["gpu"] = gpu
+        (out_dir / f"e2e_{config}.json").write_text(json.dumps(result, indent=2))  # kept if a later one dies
     lengths = [int(x) for x in args.lengths.split(",")]
-    ceilings = {str(n): _pinned_ceiling_gbps(n * kv_bytes_per_token) for n in lengths}
-    print("\nTTFT ms (median) | ceiling = one pinned memcpy of the prompt's KV bytes, this run")
-    print("tokens | config | first | gpu hit | reload | reload-hit | transfer at ceiling | exact")
-    for n in lengths:
-        t_ceiling = n * kv_bytes_per_token / (ceilings[str(n)] * 1e9) * 1e3
-        for config, res in results.items():
-            rows = res.get("lengths", {}).get(str(n))
-            if not rows:
-                continue
-            med = {k: statistics.median(r[k] for r in rows) for k in ("first_ms", "gpu_hit_ms", "reload_ms")}
-            print(f"{n} | {config} | {med['first_ms']:.1f} | {med['gpu_hit_ms']:.1f} | {med['reload_ms']:.1f} | "
-                  f"{med['reload_ms'] - med['gpu_hit_ms']:.1f} | {t_ceiling:.1f} ({ceilings[str(n)]:.1f} GB/s) | "
-                  f"{sum(r['exact'] for r in rows)}/{len(rows)}")
-    payload = {"results": results, "pinned_ceiling_gbps": ceilings, "kv_bytes_per_token": kv_bytes_per_token}
-    (out_dir / "e2e_vllm.json").write_text(json.dumps(payload, indent=2))
-    return payload
+    ceilings = {str(n): _pinned_ceiling_gbps(n * KV_BYTES_PER_TOKEN) for n in lengths}
+    (out_dir / f"e2e_ceiling_{int(time.time())}.json").write_text(json.dumps({"gpu": gpu, "pinned_gbps": ceilings}))
+    from .report import build_report
+    return build_report(out_dir)
 
 
 def main() -> None:

@@ -100,6 +100,8 @@ class ConnectorWorker:
             bpc = len(ids) // len(keys)
             for c in missing:
                 self._load_errors.update(b for b in ids[c * bpc:(c + 1) * bpc] if b != SKIP_BLOCK)
+            if not self._settings.layerwise:  # everything arrives before the forward starts
+                self._finish_loads()
         if meta.saves:
             keys, ids = self._batch(meta.saves)
             try:
@@ -113,7 +115,7 @@ class ConnectorWorker:
             self._load.wait_layer(self._layer_index[layer_name], stream)
 
     def save_kv_layer(self, layer_name: str, stream: Any) -> None:
-        if self._save is not None:
+        if self._save is not None and self._settings.layerwise:
             self._save.save_layer(self._layer_index[layer_name], stream)
 
     def wait_for_save(self) -> None:

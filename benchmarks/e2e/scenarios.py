@@ -1,0 +1,146 @@
+"""The workloads of `kvstore bench e2e`, run inside one vLLM `LLM` (one configuration, one
+process). Every function returns plain JSON-able dicts; timing is wall time around vLLM calls
+with the engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+from __future__ import annotations
+
+import random
+import statistics
+import time
+
+
+def realistic_weights(model) -> None:
+    """vLLM's dummy weights are uniform in +-1e-3: every prompt's logits come out nearly flat and
+    a bit-exact check cannot fail. Norms to 1, everything else N(0, 0.02), seeded."""
+    import torch
+    g = torch.Generator(device="cuda").manual_seed(1234)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.empty_like(p, dtype=torch.float32).normal_(0, 0.02, generator=g).to(p.dtype))
+
+
+def _tokens(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(100, 120000) for _ in range(n)]
+
+
+def run_requests(llm, prompts: list[list[int]], max_tokens: int) -> list[dict]:
+    """Submits all prompts at once and steps the engine; per request: TTFT (submit -> first
+    token) and the generated tokens."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    engine = llm.llm_engine
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    ids = []
+    for prompt in prompts:
+        rid = f"r{time.monotonic_ns()}-{len(ids)}"
+        engine.add_request(rid, TokensPrompt(prompt_token_ids=prompt), sp)
+        ids.append(rid)
+    first: dict[str, float] = {}
+    out_tokens: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            toks = list(out.outputs[0].token_ids)
+            if toks and out.request_id not in first:
+                first[out.request_id] = (time.perf_counter() - start) * 1e3
+            out_tokens[out.request_id] = toks
+    return [{"ttft_ms": first[r], "tokens": out_tokens[r]} for r in ids]
+
+
+def single_prompt(llm, lengths: list[int], prompts: int, before_reload=None) -> dict:
+    """first / GPU hit / reload TTFT per length; reload must equal the GPU hit bit for bit."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    import torch
+
+    sp = SamplingParams(max_tokens=1, temperature=0.0, logprobs=5)
+
+    def ttft(ids):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = llm.generate([TokensPrompt(prompt_token_ids=ids)], sp, use_tqdm=False)[0]
+        dt = (time.perf_counter() - t) * 1e3
+        o = out.outputs[0]
+        top = sorted(((int(tok), float(lp.logprob)) for tok, lp in o.logprobs[0].items()), key=lambda x: -x[1])
+        return dt, [int(o.token_ids[0])] + [v for pair in top for v in pair]
+
+    rng = random.Random(7)
+    result = {}
+    for length in lengths:
+        n = length + 1  # k chunks + 1: a reload and a GPU hit both compute only the last token
+        ttft(_tokens(rng, n))  # warm-up for this shape
+        rows = []
+        for _ in range(prompts):
+            ids = _tokens(rng, n)
+            first, _ = ttft(ids)
+            hit, hit_out = ttft(ids)
+            llm.reset_prefix_cache()
+            if before_reload:
+                before_reload()
+            reload, reload_out = ttft(ids)
+            rows.append({"first_ms": first, "gpu_hit_ms": hit, "reload_ms": reload, "exact": reload_out == hit_out})
+        result[str(length)] = rows
+        print(f"  single {length}: " + ", ".join(f"{k}={statistics.median(r[k] for r in rows):.1f}"
+                                              for k in ("first_ms", "gpu_hit_ms", "reload_ms"))
+              + f", exact {sum(r['exact'] for r in rows)}/{len(rows)}", flush=True)
+    return result
+
+
+def concurrency(llm, system_tokens: int, suffix_tokens: int, batch_sizes: list[int], before_reload=None) -> dict:
+    """N requests at once sharing a system prompt (stored by an earlier request, then dropped from
+    the GPU), each with its own suffix: TTFT p50/p99 and prefill tokens/s."""
+    rng = random.Random(11)
+    result = {}
+    for n in batch_sizes:
+        system = _tokens(rng, system_tokens)
+        run_requests(llm, [system + _tokens(rng, suffix_tokens)], max_tokens=1)  # stores the system prompt
+        llm.reset_prefix_cache()
+        if before_reload:
+            before_reload()
+        prompts = [system + _tokens(rng, suffix_tokens) for _ in range(n)]
+        t = time.perf_counter()
+        rows = run_requests(llm, prompts, max_tokens=1)
+        wall = time.perf_counter() - t
+        ttfts = sorted(r["ttft_ms"] for r in rows)
+        result[str(n)] = {"ttft_p50_ms": statistics.median(ttfts), "ttft_p99_ms": ttfts[min(n - 1, int(0.99 * n))],
+                          "prefill_tokens_per_s": sum(len(p) for p in prompts) / wall, "wall_s": wall}
+        print(f"  concurrency {n}: p50 {result[str(n)]['ttft_p50_ms']:.1f} ms, p99 {result[str(n)]['ttft_p99_ms']:.1f} ms,"
+              f" {result[str(n)]['prefill_tokens_per_s']:.0f} prefill tok/s", flush=True)
+    return result
+
+
+def multi_turn(llm, users: int, turns: int, context_tokens: int, question_tokens: int, answer_tokens: int) -> dict:
+    """Users take turns round-robin; each turn's prompt is the user's whole history (earlier
+    prompts and answers) plus a new question. Requests run one at a time."""
+    rng = random.Random(13)
+    history = [_tokens(rng, context_tokens) for _ in range(users)]
+    ttfts = []
+    t = time.perf_counter()
+    for turn in range(turns):
+        for u in range(users):
+            prompt = history[u] + _tokens(rng, question_tokens)
+            row = run_requests(llm, [prompt], max_tokens=answer_tokens)[0]
+            ttfts.append(row["ttft_ms"])
+            history[u] = prompt + row["tokens"]
+    total = time.perf_counter() - t
+    s = sorted(ttfts)
+    result = {"requests": len(s), "ttft_p50_ms": statistics.median(s), "ttft_p99_ms": s[min(len(s) - 1, int(0.99 * len(s)))],
+              "total_s": total, "final_context_tokens": statistics.mean(len(h) for h in history)}
+    print(f"  multi-turn: p50 {result['ttft_p50_ms']:.1f} ms, p99 {result['ttft_p99_ms']:.1f} ms, total {total:.1f} s",
+          flush=True)
+    return result
+
+
+def prefix_cache_metrics(llm) -> dict:
+    """vLLM's own prefix-cache counters (GPU and connector/external), as it reports them."""
+    out = {}
+    try:
+        for m in llm.get_metrics():
+            if "prefix_cache" in m.name and hasattr(m, "value"):
+                out[m.name] = m.value
+    except Exception as e:  # noqa: BLE001 - metrics are informative only
+        out["error"] = repr(e)
+    return out
