@@ -93,6 +93,7 @@ def _plots(folder: Path, summary: dict, lengths: list[int]) -> None:
     if xs:
         axes[0].plot(xs, [summary["single"][str(n)]["kvstore"]["gpu_hit_ms"] for n in xs], linestyle="--",
                      label="GPU hit (floor)")
+    axes[0].set_yscale("log")  # recompute and SSD reloads are 10-100x the DRAM reloads
     for ax, title, ylabel in ((axes[0], "TTFT of a reloaded prompt", "ms"),
                               (axes[1], "speed-up over recompute", "x")):
         ax.set_xscale("log", base=2)

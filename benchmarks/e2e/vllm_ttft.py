@@ -56,8 +56,8 @@ def _llm(args):
         kw.update(kv_offloading_size=args.dram_gib, kv_offloading_backend="native")
     elif args.child.startswith("kvstore"):
         if args.child == "kvstore_ssd":
-            store.update(dram_capacity_bytes="512MiB", dram_slab_bytes="512MiB", ssd_path=args.ssd_path,
-                         ssd_capacity_bytes="40GiB", ssd_slab_bytes="4GiB")
+            # Same DRAM budget; every reload is forced to come from SSD (write-back flushed, DRAM evicted).
+            store.update(ssd_path=args.ssd_path, ssd_capacity_bytes="40GiB", ssd_slab_bytes="4GiB")
         if args.child == "kvstore_nolayerwise":
             extra["layerwise"] = False
         kw["kv_transfer_config"] = KVTransferConfig(
