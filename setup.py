@@ -45,7 +45,7 @@ setup(
     description="Distributed KV-cache offload and transfer engine for LLM inference",
     python_requires=">=3.10",
     packages=["kvstore", "kvstore.master", "kvstore.agent", "kvstore.connectors", "kvstore.connectors.vllm",
-              "kvstore.benchmarks", "kvstore.benchmarks.e2e"],
+              "kvstore.connectors.sglang", "kvstore.benchmarks", "kvstore.benchmarks.e2e"],
     package_data={"kvstore.benchmarks.e2e": ["llama31_8b/config.json"]},
     package_dir={
         "kvstore": "kvstore",

@@ -118,6 +118,18 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("nbytes"), py::arg("pin"),
         "Returns (uint8 array owning page-aligned memory, pinned: bool). The memory is freed with the array.");
 
+  m.def("host_register", [](uint64_t ptr, size_t nbytes) {
+    KV_CHECK_ARG(ptr != 0 && nbytes > 0, "host_register: need a non-null range");
+    py::gil_scoped_release nogil;
+    return cuda_host_register(reinterpret_cast<void*>(ptr), nbytes);
+  }, py::arg("ptr"), py::arg("nbytes"),
+        "Page-locks and device-maps an existing host range (e.g. a shared-memory pool mapped from the agent); "
+        "False, touching nothing, where no CUDA device is present.");
+  m.def("host_unregister", [](uint64_t ptr) {
+    py::gil_scoped_release nogil;
+    cuda_host_unregister(reinterpret_cast<void*>(ptr));
+  }, py::arg("ptr"), "Undoes host_register (call before unmapping the range).");
+
   py::class_<DirectFile>(m, "DirectFile")
       .def(py::init<const std::string&, bool>(), py::arg("path"), py::arg("direct"))
       .def_property_readonly("size", &DirectFile::size)

@@ -1,4 +1,4 @@
-"""The `kvstore` command: demo, config, bench (DESIGN.md §6)."""
+"""The `kvstore` command: demo, config, agent, status, bench (DESIGN.md §6)."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,7 @@ BENCHMARKS = {
     "gpu": ("gpu", "GPU gather/scatter vs the pinned memcpy ceiling (needs a GPU)"),
     "worker": ("worker_gpu", "vLLM worker path on CUDA: layer-wise save/load GB/s and per-layer waits (needs a GPU)"),
     "e2e": ("e2e.vllm_ttft", "TTFT in real vLLM: recompute vs native CPU offload vs kvstore (needs a GPU)"),
+    "agent": ("agent", "node agent: lookup round trips, save/load GB/s vs the embedded store"),
 }
 
 
@@ -30,6 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
     cfg = sub.add_parser("config", help="print the effective config")
     cfg.add_argument("--show", action="store_true", help="print every key with its effective value")
     cfg.add_argument("--config-file", default=None, help="YAML file (default: $KVSTORE_CONFIG)")
+
+    from .agent import daemon
+    daemon.add_arguments(sub.add_parser("agent", help="run the node agent daemon (shared DRAM pool + SSD tier)"))
+    status = sub.add_parser("status", help="print the node agent's pool/SSD occupancy, clients and hit counts")
+    status.add_argument("--socket", default=None, help="agent socket (default: the `agent` config key's, else "
+                        "the default agent socket)")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    status.add_argument("--timeout-s", type=float, default=5.0)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="benchmark", required=True)
     for name, (_, text) in BENCHMARKS.items():
@@ -51,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
             from .config import Config
             print(Config.load(args.config_file).describe())
             return 0
+        if args.command == "agent":
+            from .agent import daemon
+            return daemon.run(args)
+        if args.command == "status":
+            from .agent.status import run as status_run
+            return status_run(args)
         if args.command == "bench":
             if getattr(args, "unavailable", None):
                 print(f"benchmark {args.benchmark} is unavailable: {args.unavailable}", file=sys.stderr)

@@ -20,7 +20,7 @@ ENV_PREFIX = "KVSTORE_"
 # KVSTORE_* variables that are not config keys: the config file, build switches (setup.py) and
 # test switches (tests/). Every other KVSTORE_* variable must name a config key.
 NOT_CONFIG_ENV = {"KVSTORE_CONFIG", "KVSTORE_BUILD_JOBS", "KVSTORE_BUILD_TYPE", "KVSTORE_CUDA",
-                  "KVSTORE_REQUIRE_VLLM", "KVSTORE_VLLM_TEST_UTILS"}
+                  "KVSTORE_REQUIRE_VLLM", "KVSTORE_VLLM_TEST_UTILS", "KVSTORE_REQUIRE_SGLANG"}
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 10**6, "mb": 10**6, "mib": 1 << 20,
           "g": 10**9, "gb": 10**9, "gib": 1 << 30, "t": 10**12, "tb": 10**12, "tib": 1 << 40}
 
@@ -91,6 +91,9 @@ class Config:
     cpu_threads: int = _opt(max(1, min(8, os.cpu_count() or 1)), _INT, "threads for CPU copies and checksums")
     io_threads: int = _opt(8, _INT, "threads issuing O_DIRECT requests (queue depth)")
     metrics_port: int = _opt(0, _INT, "serve Prometheus metrics on this port (0: off)")
+    agent: str | None = _opt(None, _OPT_STR, "none: embedded store; 'unix:///path': use the node agent on that "
+                             "socket; 'auto' or 'auto:///path': join the local agent, starting one if none runs")
+    agent_timeout_ms: int = _opt(5000, _INT, "bound on every agent request (then a typed error or a miss)")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -103,6 +106,9 @@ class Config:
             (0 < self.ssd_slab_bytes <= self.ssd_capacity_bytes, "ssd_slab_bytes must be in (0, ssd_capacity_bytes]"),
             (self.cpu_threads >= 1 and self.io_threads >= 1, "cpu_threads and io_threads must be >= 1"),
             (0 <= self.metrics_port < 65536, "metrics_port must be in [0, 65535]"),
+            (self.agent is None or self.agent == "auto" or self.agent.startswith(("unix:///", "auto:///")),
+             "agent must be none, 'auto', 'auto:///path' or 'unix:///path'"),
+            (self.agent_timeout_ms > 0, "agent_timeout_ms must be > 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -3,6 +3,8 @@
     namespace(**fields) = BLAKE2b-128(UTF-8 of json.dumps(fields, sort_keys=True, separators=(",", ":")))
     key[i] = BLAKE2b-128(key=namespace, data=key[i-1] || tokens of chunk i as little-endian int64)
     key[-1] = namespace
+    wrap_key(namespace, engine_key) = BLAKE2b-128(key=namespace, data=b"engine:" || UTF-8 of engine_key
+                                                  (or its bytes))
 
 Keys are chained, so a key names its whole prefix. A trailing partial chunk gets no key.
 """
@@ -46,6 +48,22 @@ def chunk_keys(tokens: Sequence[int] | np.ndarray, namespace: bytes, chunk_token
         prev = hashlib.blake2b(prev + data[start:start + step], digest_size=KEY_NBYTES, key=namespace).digest()
         keys.append(prev)
     return keys
+
+
+def wrap_key(namespace: bytes, engine_key: str | bytes) -> bytes:
+    """Our 16-byte key for a key an engine made itself (SGLang's chained page hashes): the
+    engine's key already names its whole prefix, so it is only moved into our namespace. The
+    "engine:" prefix keeps wrapped keys apart from chunk_keys' (whose data is 16 + 8n bytes)."""
+    check_key(namespace, what="namespace")
+    if isinstance(engine_key, str):
+        data = engine_key.encode("utf-8")
+    elif isinstance(engine_key, (bytes, bytearray)):
+        data = bytes(engine_key)
+    else:
+        raise InvalidArgumentError(f"engine key must be str or bytes, got {type(engine_key).__name__}")
+    if not data:
+        raise InvalidArgumentError("engine key must not be empty")
+    return hashlib.blake2b(b"engine:" + data, digest_size=KEY_NBYTES, key=namespace).digest()
 
 
 def check_key(key: bytes, what: str = "key") -> None:

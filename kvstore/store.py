@@ -35,6 +35,15 @@ SKIP_BLOCK = -1  # csrc/layout.h kSkipBlock
 
 
 class Store:
+    def __new__(cls, config: Config | None = None, *, config_file: str | None = None, **overrides):
+        """With config.agent set (e.g. Store(agent="unix:///run/kvstore.sock") or KVSTORE_AGENT=auto)
+        the store is the node agent's: an AgentStore with the same methods (kvstore/agent_store.py)."""
+        cfg = config if config is not None else Config.load(config_file, **overrides)
+        if cls is Store and cfg.agent is not None:
+            from .agent_store import AgentStore
+            return AgentStore(cfg)
+        return super().__new__(cls)
+
     def __init__(self, config: Config | None = None, *, config_file: str | None = None, **overrides):
         self.config = config if config is not None else Config.load(config_file, **overrides)
         cfg = self.config

@@ -95,3 +95,30 @@ def test_bad_tokens_rejected():
 
 def test_key_length_constant():
     assert kvstore.KEY_NBYTES == 16
+
+
+GOLDEN_WRAPPED = "4b1684e7e3cab3e31e4c0751a988ec2d"  # wrap_key(namespace(model="m"), "abc")
+
+
+def test_wrap_key_golden_and_spec():
+    ns = namespace(model="m")
+    assert kvstore.keys.wrap_key(ns, "abc").hex() == GOLDEN_WRAPPED
+    spec = hashlib.blake2b(b"engine:abc", digest_size=16, key=ns).digest()
+    assert kvstore.keys.wrap_key(ns, "abc") == spec == kvstore.keys.wrap_key(ns, b"abc")
+
+
+def test_wrap_key_separates_namespaces_and_keys():
+    a, b = namespace(model="a"), namespace(model="b")
+    assert kvstore.keys.wrap_key(a, "k") != kvstore.keys.wrap_key(b, "k")
+    assert kvstore.keys.wrap_key(a, "k1") != kvstore.keys.wrap_key(a, "k2")
+
+
+@pytest.mark.parametrize("bad", ["", b"", 7, None])
+def test_wrap_key_rejects_bad_engine_keys(bad):
+    with pytest.raises(InvalidArgumentError):
+        kvstore.keys.wrap_key(namespace(model="m"), bad)
+
+
+def test_wrap_key_rejects_bad_namespace():
+    with pytest.raises(InvalidArgumentError):
+        kvstore.keys.wrap_key(b"short", "k")
