@@ -29,6 +29,7 @@ from kvstore.config import Config
 from kvstore.errors import InvalidArgumentError, PoolFullError
 from kvstore.pinned_pool import Slot
 from kvstore.ssd_tier import SsdTier
+from kvstore.tier_reads import acquire_for_load
 from kvstore.writeback import WriteBack
 
 from .protocol import SlotState, Slots, UnknownKeyError, UnknownLeaseError
@@ -153,37 +154,12 @@ class AgentCore:
             self.dram.release(slot)
 
     def _acquire(self, key: bytes, nbytes: int, fingerprint: int) -> tuple[Slot | None, str]:
-        slot = self.dram.acquire(key)
-        if slot is not None:
-            if slot.fingerprint == fingerprint and slot.nbytes == nbytes:
-                return slot, "dram"
-            self.dram.release(slot)
-            return None, ""
-        if self.ssd is None or not self.ssd.contains(key):
-            return None, ""
         try:
-            slot = self.dram.reserve(key, nbytes, fingerprint)
+            return acquire_for_load(self.dram, self.ssd, key, nbytes, fingerprint, on_promoted=lambda n: (
+                self.stats.add("bytes", n, tier="ssd", dst="dram")))
         except PoolFullError:  # DRAM is all pinned: a miss, the engine recomputes
             self.stats.add("dropped", tier="promotion")
             return None, ""
-        if slot is None:  # another client promoted or saved it meanwhile
-            slot = self.dram.acquire(key)
-            if slot is not None and (slot.fingerprint != fingerprint or slot.nbytes != nbytes):
-                self.dram.release(slot)
-                slot = None
-            return slot, "dram" if slot is not None else ""
-        try:
-            entry = self.ssd.read(key, slot.view, fingerprint)
-        except BaseException:
-            self.dram.abort(slot)
-            raise
-        if entry is None or entry.nbytes != nbytes:
-            self.dram.abort(slot)
-            return None, ""
-        self.dram.commit(slot, persisted=True)
-        self.stats.add("bytes", nbytes, tier="ssd", dst="dram")
-        slot = self.dram.acquire(key)
-        return slot, "ssd" if slot is not None else ""
 
     # ---- writes ------------------------------------------------------------------------------
     def begin_write(self, client: ClientState, nbytes: int, fingerprint: int, keys: list[bytes]) -> Slots:

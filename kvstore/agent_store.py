@@ -256,10 +256,8 @@ class AgentStore:
         return SaveSession(_SaveView(self), keys, layout, ids, bpc)
 
     def record_load(self, hits: dict[str, int], requested: int, loaded: int, nbytes: int) -> None:
-        for tier, n in hits.items():
-            self.stats_counters.add("hits", n, tier=tier)
-        self.stats_counters.add("misses", requested - loaded)
-        self.stats_counters.add("bytes", loaded * nbytes, tier="dram", dst="engine")
+        from .store import Store
+        Store.record_load(self, hits, requested, loaded, nbytes)  # same counters, no copy
 
     # ---- maintenance -------------------------------------------------------------------------
     def preallocate(self, layout: KVLayout) -> int:

@@ -29,6 +29,7 @@ from .keys import check_keys
 from .layout import KVLayout
 from .pinned_pool import PinnedPool, Slot
 from .ssd_tier import SsdTier
+from .tier_reads import acquire_for_load
 from .writeback import WriteBack
 
 SKIP_BLOCK = -1  # csrc/layout.h kSkipBlock
@@ -144,17 +145,10 @@ class Store:
         return LoadResult(loaded, len(keys), {t: n for t, n in hits.items() if n})
 
     def acquire_for_load(self, key: bytes, nbytes: int, fingerprint: int) -> tuple[Slot | None, str]:
-        """Pins key's object in DRAM for reading, promoting it from SSD if needed (checksum
-        verified). Returns (slot, tier it came from) or (None, "") on a miss, including an object
-        of another layout. Raises PoolFullError when DRAM has no room for a promotion."""
-        slot = self.dram.acquire(key)
-        if slot is not None:
-            if slot.fingerprint == fingerprint and slot.nbytes == nbytes:
-                return slot, "dram"
-            self.dram.release(slot)
-            return None, ""
-        slot = self._promote(key, nbytes, fingerprint)
-        return (slot, "ssd") if slot is not None else (None, "")
+        """Pins key's object in DRAM for reading, promoting it from SSD if needed (tier_reads.py).
+        Raises PoolFullError when DRAM has no room for a promotion."""
+        return acquire_for_load(self.dram, self.ssd, key, nbytes, fingerprint, on_promoted=lambda n: (
+            self.stats_counters.add("bytes", n, tier="ssd", dst="dram")))
 
     def begin_load(self, keys: Sequence[bytes], layout: KVLayout, block_ids) -> "LoadSession":
         """A layer-wise load of every present chunk (not only the leading run); see sessions.py."""
@@ -167,25 +161,6 @@ class Store:
         from .sessions import SaveSession
         keys, ids, bpc = self._validate(keys, layout, block_ids, allow_skip=False)
         return SaveSession(self, keys, layout, ids, bpc)
-
-    def _promote(self, key: bytes, nbytes: int, fingerprint: int) -> Slot | None:
-        """SSD -> a new DRAM slot, checksum verified; returns it acquired, or None on a miss."""
-        if self.ssd is None or not self.ssd.contains(key):
-            return None
-        slot = self.dram.reserve(key, nbytes, fingerprint)
-        if slot is None:  # another thread promoted or saved it meanwhile
-            return self.dram.acquire(key)
-        try:
-            entry = self.ssd.read(key, slot.view, fingerprint)
-        except BaseException:
-            self.dram.abort(slot)
-            raise
-        if entry is None or entry.nbytes != nbytes:
-            self.dram.abort(slot)
-            return None
-        self.dram.commit(slot, persisted=True)
-        self.stats_counters.add("bytes", nbytes, tier="ssd", dst="dram")
-        return self.dram.acquire(key)
 
     def reserve_for_save(self, keys: list[bytes], nbytes: int, fingerprint: int
                          ) -> tuple[list[tuple[int, Slot]], int, list[bytes]]:
