@@ -241,6 +241,38 @@ class AgentStore:
         except (P.AgentUnavailableError, P.UnknownLeaseError):
             pass  # the agent released it with our connection
 
+    # ---- raw objects (SGLang's host pages) --------------------------------------------------
+    def write_objects(self, keys: Sequence[bytes], nbytes: int, fingerprint: int, fill) -> list[bool]:
+        """Store.write_objects through the agent's pool."""
+        from .keys import check_keys
+        keys = check_keys(keys)
+        slots, _, failed = self.reserve_for_save(keys, nbytes, fingerprint)
+        try:
+            for i, slot in slots:
+                fill(i, slot.ptr)
+        except BaseException:
+            plain = [slot for _, slot in slots]
+            if plain:
+                self._abort(plain)
+                self._release_session_pool(plain)
+            raise
+        self.commit_saved([slot for _, slot in slots])
+        failed_set = set(failed)
+        return [k not in failed_set for k in keys]
+
+    def read_objects(self, keys: Sequence[bytes], nbytes: int, fingerprint: int, drain) -> int:
+        """Store.read_objects from one BEGIN_READ lease; a slot reused during its copy ends the run."""
+        from .keys import check_keys
+        from .tier_reads import read_leading_run
+        keys = check_keys(keys)
+        view = _LeasedView(self, keys, nbytes, fingerprint)
+        try:
+            loaded, hits = read_leading_run(view, keys, nbytes, fingerprint, drain)
+        finally:
+            view._finish()
+        self.record_load(hits, len(keys), loaded, nbytes)
+        return loaded
+
     # ---- layer-wise sessions (the vLLM connector) ---------------------------------------------
     def begin_load(self, keys: Sequence[bytes], layout: KVLayout, block_ids):
         """Store.begin_load over the agent: one BEGIN_READ for the batch, then LoadSession."""
@@ -378,14 +410,17 @@ class _LeasedView:
     def record_load(self, hits, requested, loaded, nbytes) -> None:
         self._store.record_load(hits, requested, loaded, nbytes)
 
-    def release(self, slot: AgentSlot) -> None:
-        """LoadSession is done with slot; the lease ends with the last one."""
-        if self._lease is not None and self._lease.pool.pool.generation(slot.offset) != slot.generation:
+    def release(self, slot: AgentSlot) -> bool:
+        """The reader is done with slot; the lease ends with the last one. False if the slot was
+        reused while it was read (its bytes may be wrong)."""
+        valid = self._lease is None or self._lease.pool.pool.generation(slot.offset) == slot.generation
+        if not valid:
             self._store.stats_counters.add("reused_during_read")
             log.warning("agent slot of key %s was reused during a read: its chunk may be wrong", slot.key.hex())
         self._held -= 1
         if self._held == 0:
             self._finish()
+        return valid
 
     def _finish(self) -> None:
         unused = [s for q in self._next.values() for s in q]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from .keys import check_keys
 from .layout import KVLayout
 from .pinned_pool import PinnedPool, Slot
 from .ssd_tier import SsdTier
-from .tier_reads import acquire_for_load
+from .tier_reads import acquire_for_load, read_leading_run
 from .writeback import WriteBack
 
 SKIP_BLOCK = -1  # csrc/layout.h kSkipBlock
@@ -149,6 +149,32 @@ class Store:
         Raises PoolFullError when DRAM has no room for a promotion."""
         return acquire_for_load(self.dram, self.ssd, key, nbytes, fingerprint, on_promoted=lambda n: (
             self.stats_counters.add("bytes", n, tier="ssd", dst="dram")))
+
+    # ---- raw objects (engines that own their host pages: SGLang) -------------------------------
+    def write_objects(self, keys: Sequence[bytes], nbytes: int, fingerprint: int,
+                      fill: Callable[[int, int], None]) -> list[bool]:
+        """Stores the keys not stored yet: fill(i, object_ptr) writes object i into its slot.
+        Per key: stored now or already present (False: no room)."""
+        keys = check_keys(keys)
+        slots, _, failed = self.reserve_for_save(keys, nbytes, fingerprint)
+        try:
+            for i, slot in slots:
+                fill(i, slot.ptr)
+        except BaseException:
+            for _, slot in slots:
+                self.dram.abort(slot)
+            raise
+        self.commit_saved([slot for _, slot in slots])
+        failed_set = set(failed)
+        return [k not in failed_set for k in keys]
+
+    def read_objects(self, keys: Sequence[bytes], nbytes: int, fingerprint: int,
+                     drain: Callable[[int, int], None]) -> int:
+        """Copies out the leading run of present objects (drain(i, object_ptr)); returns its length."""
+        keys = check_keys(keys)
+        loaded, hits = read_leading_run(_PinnedReads(self), keys, nbytes, fingerprint, drain)
+        self.record_load(hits, len(keys), loaded, nbytes)
+        return loaded
 
     def begin_load(self, keys: Sequence[bytes], layout: KVLayout, block_ids) -> "LoadSession":
         """A layer-wise load of every present chunk (not only the leading run); see sessions.py."""
@@ -271,3 +297,14 @@ class Store:
             return fn(*args)
         finally:
             metrics.TRANSFER_SECONDS.labels(op=op).observe(time.perf_counter() - start)
+
+
+class _PinnedReads:
+    """read_leading_run's source over the embedded tiers."""
+
+    def __init__(self, store: Store):
+        self.acquire_for_load = store.acquire_for_load
+        self._dram = store.dram
+
+    def release(self, slot: Slot) -> None:
+        self._dram.release(slot)

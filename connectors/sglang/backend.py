@@ -28,7 +28,7 @@ from typing import Any, List, Optional
 
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage
 
-from kvstore import InvalidArgumentError, KVStoreError
+from kvstore import InvalidArgumentError
 from kvstore.connectors.shared_store import shared_store
 from kvstore.keys import wrap_key
 
@@ -146,42 +146,16 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         return [wrap_key(self._namespace, k) for k in keys]
 
     def _store_pages(self, keys: list[bytes], fill) -> List[bool]:
-        """Reserves a DRAM slot for each key not stored yet, fills it (fill[i](slot_ptr)) and
-        commits; per key: stored or already present."""
+        """Stores each key not stored yet (fill[i](object_ptr) writes it); per key: stored or
+        already present. Works on the embedded store and through the node agent alike."""
         pages = self.pages
-        slots, _, failed = self.store.reserve_for_save(keys, pages.object_nbytes, pages.fingerprint)
-        try:
-            for i, slot in slots:
-                fill[i](slot.ptr)
-        except BaseException:
-            for _, slot in slots:
-                self.store.dram.abort(slot)
-            raise
-        self.store.commit_saved([slot for _, slot in slots])
-        failed = set(failed)
-        return [k not in failed for k in keys]
+        return self.store.write_objects(keys, pages.object_nbytes, pages.fingerprint, lambda i, ptr: fill[i](ptr))
 
     def _load_pages(self, keys: list[bytes], drain) -> List[bool]:
-        """Copies the leading run of present pages out (drain[i](slot_ptr)); False from the
+        """Copies the leading run of present pages out (drain[i](object_ptr)); False from the
         first miss on, pages after it are not read."""
         pages = self.pages
-        hits: dict[str, int] = {}
-        loaded = 0
-        for i, key in enumerate(keys):
-            try:
-                slot, tier = self.store.acquire_for_load(key, pages.object_nbytes, pages.fingerprint)
-            except KVStoreError as e:  # e.g. no DRAM room to promote an SSD hit, an SSD I/O error
-                log.warning("kvstore: page read failed, treated as a miss: %s", e)
-                slot = None
-            if slot is None:
-                break
-            try:
-                drain[i](slot.ptr)
-            finally:
-                self.store.dram.release(slot)
-            hits[tier] = hits.get(tier, 0) + 1
-            loaded += 1
-        self.store.record_load(hits, len(keys), loaded, pages.object_nbytes)
+        loaded = self.store.read_objects(keys, pages.object_nbytes, pages.fingerprint, lambda i, ptr: drain[i](ptr))
         return [i < loaded for i in range(len(keys))]
 
 
