@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookup-batches", default="1,64,1024", help="keys per lookup, comma separated")
     p.add_argument("--lookups", type=int, default=2000, help="round trips timed per batch size")
     p.add_argument("--repeats", type=int, default=3, help="keep the best of this many save/load rounds")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the KV cache lives (cuda: the GPU movers read/write the agent's pool)")
     p.add_argument("--out", default="bench-out", help="directory for agent.json and agent.png")
 
 
@@ -56,13 +58,31 @@ def _start_agent(work: Path, dram_bytes: int) -> tuple[subprocess.Popen, str]:
     return proc, sock
 
 
-def _cache(size: int, count: int):
+def _cache(size: int, count: int, device: str):
     layers = size // MiB
-    rng = np.random.default_rng(size)
     blocks = count * (CHUNK_TOKENS // BLOCK)
-    caches = [rng.integers(0, 1 << 16, size=(2, blocks, BLOCK, HEADS, HEAD_DIM), dtype=np.uint16)
-              for _ in range(layers)]
+    shape = (2, blocks, BLOCK, HEADS, HEAD_DIM)
+    if device == "cuda":
+        import torch
+        g = torch.Generator(device="cuda").manual_seed(size)
+        caches = [torch.randint(-(1 << 15), 1 << 15, shape, dtype=torch.int16, device="cuda", generator=g)
+                  for _ in range(layers)]
+    else:
+        rng = np.random.default_rng(size)
+        caches = [rng.integers(0, 1 << 16, size=shape, dtype=np.uint16) for _ in range(layers)]
     return caches, kvstore.KVLayout.from_flash_attn(caches)
+
+
+def _copy(c):
+    return c.clone() if hasattr(c, "clone") else c.copy()
+
+
+def _same(a, b) -> bool:
+    return bool(a.equal(b)) if hasattr(a, "equal") else bool(np.array_equal(a, b))
+
+
+def _zero(c) -> None:
+    c.zero_() if hasattr(c, "zero_") else c.fill(0)
 
 
 def _lookup_rows(agent_store, embedded, batches: list[int], n: int, bar) -> list[dict]:
@@ -83,15 +103,15 @@ def _lookup_rows(agent_store, embedded, batches: list[int], n: int, bar) -> list
     return rows
 
 
-def _transfer_row(agent_store, embedded, size: int, total: int, repeats: int, bar) -> dict:
+def _transfer_row(agent_store, embedded, size: int, total: int, repeats: int, bar, device: str) -> dict:
     count = max(4, total // size)
-    caches, layout = _cache(size, count)
+    caches, layout = _cache(size, count, device)
     bpc = CHUNK_TOKENS // BLOCK
     keys = kvstore.chunk_keys(np.arange(count * CHUNK_TOKENS), kvstore.namespace(model=f"bench-{size}"),
                               CHUNK_TOKENS)
     ids = np.arange(count * bpc)
     row = {"size_mib": size // MiB, "count": count}
-    want = [c.copy() for c in caches]
+    want = [_copy(c) for c in caches]
     for name, store in (("agent", agent_store), ("embedded", embedded)):
         best_save = best_load = float("inf")
         for _ in range(repeats):
@@ -102,11 +122,11 @@ def _transfer_row(agent_store, embedded, size: int, total: int, repeats: int, ba
             if r.stored != count:
                 raise RuntimeError(f"{name}: stored {r.stored} of {count} chunks ({len(r.failed_keys)} failed)")
             for c in caches:
-                c.fill(0)
+                _zero(c)
             t = time.perf_counter()
             res = store.load(keys, layout, ids).wait(300)
             best_load = min(best_load, time.perf_counter() - t)
-            if not res.complete or not all(np.array_equal(a, b) for a, b in zip(caches, want)):
+            if not res.complete or not all(_same(a, b) for a, b in zip(caches, want)):
                 raise RuntimeError(f"{name}: load did not restore the cache bit-exact")
             bar.update(1)
         row[f"{name}_save_gbps"] = count * size / best_save / GB
@@ -131,7 +151,7 @@ def run(args: argparse.Namespace) -> dict:
         embedded = kvstore.Store(**common)
         with tqdm(total=len(batches) + 2 * args.repeats * len(sizes), desc="bench agent", unit="step") as bar:
             lookups = _lookup_rows(agent_store, embedded, batches, args.lookups, bar)
-            transfers = [_transfer_row(agent_store, embedded, s, total, args.repeats, bar) for s in sizes]
+            transfers = [_transfer_row(agent_store, embedded, s, total, args.repeats, bar, args.device) for s in sizes]
         agent_store.close()
         embedded.close()
     finally:
@@ -145,17 +165,17 @@ def run(args: argparse.Namespace) -> dict:
     t1 = print_table(["keys", "agent p50", "agent p99", "embedded p50", "embedded p99"],
                      [[r["keys"], r["agent_p50_us"], r["agent_p99_us"], r["embedded_p50_us"], r["embedded_p99_us"]]
                       for r in lookups])
-    print("save / load through the agent vs the embedded store (GB/s, host cache, SSD off)")
+    print(f"save / load through the agent vs the embedded store (GB/s, {args.device} cache, SSD off)")
     t2 = print_table(["MiB", "chunks", "agent save", "embedded save", "save ratio", "agent load", "embedded load",
                       "load ratio"],
                      [[r["size_mib"], r["count"], r["agent_save_gbps"], r["embedded_save_gbps"], r["save_ratio"],
                        r["agent_load_gbps"], r["embedded_load_gbps"], r["load_ratio"]] for r in transfers])
     out = Path(args.out)
     result = {"benchmark": "agent", "machine": machine(), "cpu_threads": kvstore.Config().cpu_threads,
-              "gpu": kvstore.gpu_available(), "lookups": lookups, "transfers": transfers, "table": t1 + "\n\n" + t2}
+              "gpu": kvstore.gpu_available(), "device": args.device, "lookups": lookups, "transfers": transfers, "table": t1 + "\n\n" + t2}
     json_path = write_json(out, "agent", result)
     xs = [r["size_mib"] for r in transfers]
-    png = plot_lines(out, "agent", "kvstore agent vs embedded store (host cache)", "object size (MiB)", "GB/s", xs, {
+    png = plot_lines(out, "agent", f"kvstore agent vs embedded store ({args.device} cache)", "object size (MiB)", "GB/s", xs, {
         "agent save": [r["agent_save_gbps"] for r in transfers],
         "embedded save": [r["embedded_save_gbps"] for r in transfers],
         "agent load": [r["agent_load_gbps"] for r in transfers],
