@@ -29,7 +29,7 @@ from kvstore.config import Config
 from kvstore.errors import InvalidArgumentError, PoolFullError
 from kvstore.pinned_pool import Slot
 from kvstore.ssd_tier import SsdTier
-from kvstore.tier_reads import acquire_for_load
+from kvstore.object_io import acquire_for_load
 from kvstore.writeback import WriteBack
 
 from .protocol import SlotState, Slots, UnknownKeyError, UnknownLeaseError

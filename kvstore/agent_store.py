@@ -245,25 +245,18 @@ class AgentStore:
     def write_objects(self, keys: Sequence[bytes], nbytes: int, fingerprint: int, fill) -> list[bool]:
         """Store.write_objects through the agent's pool."""
         from .keys import check_keys
-        keys = check_keys(keys)
-        slots, _, failed = self.reserve_for_save(keys, nbytes, fingerprint)
-        try:
-            for i, slot in slots:
-                fill(i, slot.ptr)
-        except BaseException:
-            plain = [slot for _, slot in slots]
-            if plain:
-                self._abort(plain)
-                self._release_session_pool(plain)
-            raise
-        self.commit_saved([slot for _, slot in slots])
-        failed_set = set(failed)
-        return [k not in failed_set for k in keys]
+        from .object_io import write_objects
+
+        def abort(slots: list[AgentSlot]) -> None:
+            self._abort(slots)
+            self._release_session_pool(slots)
+
+        return write_objects(self, check_keys(keys), nbytes, fingerprint, fill, abort)
 
     def read_objects(self, keys: Sequence[bytes], nbytes: int, fingerprint: int, drain) -> int:
         """Store.read_objects from one BEGIN_READ lease; a slot reused during its copy ends the run."""
         from .keys import check_keys
-        from .tier_reads import read_leading_run
+        from .object_io import read_leading_run
         keys = check_keys(keys)
         view = _LeasedView(self, keys, nbytes, fingerprint)
         try:

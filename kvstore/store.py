@@ -29,7 +29,7 @@ from .keys import check_keys
 from .layout import KVLayout
 from .pinned_pool import PinnedPool, Slot
 from .ssd_tier import SsdTier
-from .tier_reads import acquire_for_load, read_leading_run
+from .object_io import acquire_for_load, read_leading_run, write_objects
 from .writeback import WriteBack
 
 SKIP_BLOCK = -1  # csrc/layout.h kSkipBlock
@@ -145,7 +145,7 @@ class Store:
         return LoadResult(loaded, len(keys), {t: n for t, n in hits.items() if n})
 
     def acquire_for_load(self, key: bytes, nbytes: int, fingerprint: int) -> tuple[Slot | None, str]:
-        """Pins key's object in DRAM for reading, promoting it from SSD if needed (tier_reads.py).
+        """Pins key's object in DRAM for reading, promoting it from SSD if needed (object_io.py).
         Raises PoolFullError when DRAM has no room for a promotion."""
         return acquire_for_load(self.dram, self.ssd, key, nbytes, fingerprint, on_promoted=lambda n: (
             self.stats_counters.add("bytes", n, tier="ssd", dst="dram")))
@@ -155,18 +155,8 @@ class Store:
                       fill: Callable[[int, int], None]) -> list[bool]:
         """Stores the keys not stored yet: fill(i, object_ptr) writes object i into its slot.
         Per key: stored now or already present (False: no room)."""
-        keys = check_keys(keys)
-        slots, _, failed = self.reserve_for_save(keys, nbytes, fingerprint)
-        try:
-            for i, slot in slots:
-                fill(i, slot.ptr)
-        except BaseException:
-            for _, slot in slots:
-                self.dram.abort(slot)
-            raise
-        self.commit_saved([slot for _, slot in slots])
-        failed_set = set(failed)
-        return [k not in failed_set for k in keys]
+        return write_objects(self, check_keys(keys), nbytes, fingerprint, fill,
+                             abort=lambda slots: [self.dram.abort(s) for s in slots])
 
     def read_objects(self, keys: Sequence[bytes], nbytes: int, fingerprint: int,
                      drain: Callable[[int, int], None]) -> int:
