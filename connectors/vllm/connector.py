@@ -45,7 +45,8 @@ class KVStoreConnector(KVConnectorBase_V1):
         if settings.chunk_tokens % block_size:
             raise ConfigError(f"chunk_tokens {settings.chunk_tokens} must be a multiple of the block size {block_size}")
         store = shared_store(settings.store)
-        self._scheduler = ConnectorScheduler(vllm_config, settings, store) if role == KVConnectorRole.SCHEDULER else None
+        self._scheduler = (ConnectorScheduler(vllm_config, settings, store, kv_cache_config)
+                           if role == KVConnectorRole.SCHEDULER else None)
         self._worker = ConnectorWorker(vllm_config, settings, store) if role == KVConnectorRole.WORKER else None
         self._settings = settings
 

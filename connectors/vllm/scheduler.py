@@ -32,8 +32,18 @@ class _RequestState:
     load: ChunkTransfer | None = None
 
 
+def chunk_nbytes_of(kv_cache_config, chunk_tokens: int, block_size: int) -> int | None:
+    """Bytes of one stored chunk from vLLM's KV cache config (page bytes per block and layer x
+    layers x blocks per chunk), or None when the config does not say."""
+    try:
+        group = kv_cache_config.kv_cache_groups[0]
+        return group.kv_cache_spec.page_size_bytes * len(group.layer_names) * (chunk_tokens // block_size)
+    except (AttributeError, IndexError, TypeError):
+        return None
+
+
 class ConnectorScheduler:
-    def __init__(self, vllm_config, settings: ConnectorSettings, store: Store):
+    def __init__(self, vllm_config, settings: ConnectorSettings, store: Store, kv_cache_config=None):
         self._vllm_config = vllm_config
         self._settings = settings
         self._store = store
@@ -41,6 +51,13 @@ class ConnectorScheduler:
         self._block_size = vllm_config.cache_config.block_size
         self._namespaces: dict[str, bytes] = {}
         self._requests: dict[str, _RequestState] = {}
+        # A step's loads are pinned in DRAM until its forward ran: never promise more chunks than
+        # half the DRAM tier holds (the rest stays for saves and promotions), or loads would fail
+        # and, under vLLM's default kv_load_failure_policy="fail", fail their requests.
+        nbytes = chunk_nbytes_of(kv_cache_config, self._chunk, self._block_size)
+        slot = (nbytes + 4095) // 4096 * 4096 if nbytes else 0
+        self._step_load_budget = max(1, store.config.dram_capacity_bytes // slot // 2) if slot else 1 << 62
+        self._step_loads = 0
 
     # ---- lookups -----------------------------------------------------------------------------
     def _state(self, request: "Request") -> _RequestState:
@@ -65,7 +82,10 @@ class ConnectorScheduler:
         # The last prompt token is always computed (it yields the first output token).
         loadable_chunks = min((request.num_prompt_tokens - 1) // self._chunk,
                               self._store.lookup(state.keys[:(request.num_prompt_tokens - 1) // self._chunk]))
-        state.hit_tokens = loadable_chunks * self._chunk
+        first_to_load = num_computed_tokens // self._chunk
+        budget = self._step_load_budget - self._step_loads
+        loadable_chunks = min(loadable_chunks, first_to_load + max(0, budget))
+        state.hit_tokens = max(loadable_chunks * self._chunk, num_computed_tokens)
         return max(0, state.hit_tokens - num_computed_tokens), False
 
     def update_state_after_alloc(self, request: "Request", blocks, num_external_tokens: int) -> None:
@@ -81,11 +101,13 @@ class ConnectorScheduler:
         skip = (start - first_chunk * self._chunk) // self._block_size
         ids = [SKIP_BLOCK] * skip + ids[skip:]  # blocks the GPU prefix cache already holds
         state.load = ChunkTransfer(request.request_id, state.keys[first_chunk:end // self._chunk], ids)
+        self._step_loads += len(state.load.keys)
         state.saved_chunks = max(state.saved_chunks, end // self._chunk)
 
     # ---- per step ----------------------------------------------------------------------------
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVStoreConnectorMetadata:
         meta = KVStoreConnectorMetadata()
+        self._step_loads = 0
         for req in scheduler_output.scheduled_new_reqs:
             state = self._requests.get(req.req_id)
             if state is None:

@@ -16,6 +16,7 @@ if _reason:
 import torch  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  # noqa: E402
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec  # noqa: E402
 from vllm.v1.request import RequestStatus  # noqa: E402
 
 from kvstore import ConfigError  # noqa: E402
@@ -46,7 +47,11 @@ class Engine:
 
     def __init__(self, vllm_utils, config):
         self.u = vllm_utils
-        self.scheduler = vllm_utils.create_scheduler(config, num_blocks=NUM_BLOCKS)
+        # The KV cache config of the tensors below (vLLM's helper defaults to a 1-head stand-in).
+        kv_cache_config = KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[], kv_cache_groups=[
+            KVCacheGroupSpec([f"model.layers.{l}.attn" for l in range(LAYERS)], FullAttentionSpec(
+                block_size=BLOCK, num_kv_heads=HEADS, head_size=HEAD, dtype=torch.float16))])
+        self.scheduler = vllm_utils.create_scheduler(config, num_blocks=NUM_BLOCKS, kv_cache_config=kv_cache_config)
         self.worker = KVStoreConnector(config, KVConnectorRole.WORKER, self.scheduler.kv_cache_config)
         # vLLM 0.33 LBNHC: one buffer, per-layer [B, H, N, C] views, K|V packed along C.
         self.flat = torch.full((LAYERS, NUM_BLOCKS, BLOCK, HEADS, 2 * HEAD), POISON, dtype=torch.float16)
@@ -268,3 +273,22 @@ def test_plugin_registers_by_name_once(vllm_utils, tmp_path):
     assert KVConnectorFactory.get_connector_class(config.kv_transfer_config) is KVStoreConnector
     assert KVStoreConnector.requires_piecewise_for_cudagraph({}) is True
     assert KVStoreConnector.requires_piecewise_for_cudagraph({"layerwise": False}) is False
+
+
+def test_a_step_never_promises_more_chunks_than_half_the_dram_tier(vllm_utils, tmp_path):
+    chunk_bytes = LAYERS * 2 * CHUNK * HEADS * HEAD * 2                 # 576 KiB
+    config = make_config(vllm_utils, tmp_path, store={"dram_capacity_bytes": 5 * chunk_bytes,
+                                                      "dram_slab_bytes": chunk_bytes})
+    engine = Engine(vllm_utils, config)
+    a = make_request(vllm_utils, 30, num_tokens=130, common_prefix_len=130)   # 4 whole chunks
+    engine.add(a)
+    engine.run_to_end()
+    assert engine.worker._worker._store.lookup(engine.scheduler.connector._scheduler._state(a).keys) == 4
+    engine.reset_gpu()
+    b = make_request(vllm_utils, 31, num_tokens=130, common_prefix_len=130)
+    assert engine.scheduler.connector.get_num_new_matched_tokens(b, 0) == (2 * CHUNK, False)  # 5 slots // 2
+    engine.add(b)
+    out, meta = engine.step()
+    assert [len(load.keys) for load in meta.loads] == [2] and not engine.errors[-1]
+    engine.run_to_end()
+    engine.u.assert_scheduler_empty(engine.scheduler)
