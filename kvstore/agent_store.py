@@ -159,10 +159,16 @@ class AgentStore:
         return slots, skipped, failed
 
     def commit_saved(self, slots: list[AgentSlot]) -> None:
-        """Publishes gathered slots (the agent queues write-back)."""
-        if slots:
-            self._commit(slots)
+        """Publishes gathered slots (the agent queues write-back). Raises AgentUnavailableError
+        when the agent lost them (it died or restarted): nothing was stored."""
+        if not slots:
+            return
+        try:
+            committed = self._commit(slots)
+        finally:
             self._release_session_pool(slots)
+        if not committed:
+            raise P.AgentUnavailableError(f"the agent dropped {len(slots)} reserved objects before their commit")
 
     def _commit(self, slots: list[AgentSlot]) -> bool:
         try:

@@ -1,10 +1,12 @@
-"""Reading an object for a transfer, shared by the embedded Store and the node agent: pin it in
-DRAM, promoting it from SSD first if it is only there (checksum verified on the way)."""
+"""Object reads and writes shared by the embedded Store, the node agent and its client: pin an
+object in DRAM (promoting it from SSD, checksum verified), copy out a leading run of objects,
+and fill-and-commit a batch of new objects."""
 from __future__ import annotations
 
 import logging
 from typing import Callable
 
+from .errors import KVStoreError
 from .pinned_pool import PinnedPool, Slot
 from .ssd_tier import SsdTier
 
@@ -47,8 +49,6 @@ def read_leading_run(source, keys: list[bytes], nbytes: int, fingerprint: int,
     first miss, read error, or a slot reused during the copy (source.release returns False).
     `source` answers acquire_for_load(key, nbytes, fingerprint) and release(slot).
     Returns (objects read, hits per tier)."""
-    from .errors import KVStoreError
-
     hits: dict[str, int] = {}
     for i, key in enumerate(keys):
         try:
@@ -66,3 +66,25 @@ def read_leading_run(source, keys: list[bytes], nbytes: int, fingerprint: int,
             return i, hits
         hits[tier] = hits.get(tier, 0) + 1
     return len(keys), hits
+
+
+def write_objects(store, keys: list[bytes], nbytes: int, fingerprint: int, fill: Callable[[int, int], None],
+                  abort: Callable[[list], None]) -> list[bool]:
+    """Reserves slots for the keys not stored yet (store.reserve_for_save), fill(i, object_ptr)
+    writes object i, then store.commit_saved publishes them; abort(slots) undoes the reservations
+    if a fill fails. Per key: stored now or already present (False: no room)."""
+    slots, _, failed = store.reserve_for_save(keys, nbytes, fingerprint)
+    try:
+        for i, slot in slots:
+            fill(i, slot.ptr)
+    except BaseException:
+        if slots:
+            abort([slot for _, slot in slots])
+        raise
+    failed_set = set(failed)
+    try:
+        store.commit_saved([slot for _, slot in slots])
+    except KVStoreError as e:  # e.g. the node agent died before the commit: nothing new is stored
+        log.warning("kvstore: commit of %d objects failed: %s", len(slots), e)
+        failed_set.update(slot.key for _, slot in slots)
+    return [k not in failed_set for k in keys]

@@ -449,3 +449,21 @@ def test_status_cli_and_agent_config(agent, capsys):
     with pytest.raises(kvstore.ConfigError):
         kvstore.Config(agent="tcp://somewhere")
     assert "agent" in cli.BENCHMARKS
+
+
+def test_save_session_whose_agent_died_before_the_commit_reports_failure(tmp_path):
+    agent = Agent(tmp_path).start()
+    try:
+        store = agent_store(agent, timeout_ms=2000)
+        cache, keys, ids = request(seed=77, chunks=2)
+        session = store.begin_save(keys, cache.layout, ids)
+        assert session.stored == 2
+        agent.kill()  # the reservations die with the agent
+        with pytest.raises(kvstore.KVStoreError):
+            session.finish()
+        agent.start()
+        wait_until(lambda: store.lookup(keys) == 0 and store.save(keys[:1], cache.layout, ids[:2]).wait(10).stored == 1)
+        assert store.lookup(keys) == 1  # nothing from the lost session; the new save works
+        store.close()
+    finally:
+        agent.stop()
