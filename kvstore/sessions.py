@@ -40,7 +40,9 @@ class LoadSession:
         self.requested = len(keys)
         nbytes = layout.chunk_nbytes(store.config.chunk_tokens)
         self._slots: list[Slot] = []
-        self.missing: list[int] = []   # chunk indices not loaded
+        self._slot_chunks: list[int] = []  # chunk index of each held slot
+        self.missing: list[int] = []   # chunk indices not loaded (known when the session starts)
+        self.invalid: list[int] = []   # chunk indices whose slot was reused while it was read (known at close)
         hits = {"dram": 0, "ssd": 0}
         loaded: list[int] = []
         for c, key in enumerate(keys):
@@ -52,6 +54,7 @@ class LoadSession:
                 self.missing.append(c)
                 continue
             self._slots.append(slot)
+            self._slot_chunks.append(c)
             loaded.append(c)
             hits[tier] += 1
         store.record_load({t: n for t, n in hits.items() if n}, self.requested, len(loaded), nbytes)
@@ -95,9 +98,10 @@ class LoadSession:
             self._release()
 
     def _release(self) -> None:
-        for slot in self._slots:
-            self._store.dram.release(slot)
-        self._slots = []
+        for slot, chunk in zip(self._slots, self._slot_chunks):
+            if self._store.dram.release(slot) is False:  # the agent's generation check failed
+                self.invalid.append(chunk)
+        self._slots, self._slot_chunks = [], []
 
 
 class SaveSession:

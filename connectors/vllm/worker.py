@@ -54,6 +54,8 @@ class ConnectorWorker:
         self._layer_index: dict[str, int] = {}
         self._kernel_blocks_per_block = 1
         self._load: LoadSession | None = None
+        self._load_ids: list[int] = []  # scheduler block ids of the step's loads, chunk-major
+        self._load_chunks = 0
         self._save: SaveSession | None = None
         self._load_errors: set[int] = set()
 
@@ -91,15 +93,14 @@ class ConnectorWorker:
         self._finish_loads()  # a previous step's loads, if vLLM skipped wait_for_save
         if meta.loads:
             keys, ids = self._batch(meta.loads)
+            self._load_ids, self._load_chunks = ids, len(keys)
             try:
                 self._load = self._store.begin_load(keys, self.layout, self._kernel_ids(ids))
                 missing = self._load.missing
             except KVStoreError:
                 log.exception("kvstore: load of %d chunks failed; vLLM will recompute them", len(keys))
                 self._load, missing = None, list(range(len(keys)))
-            bpc = len(ids) // len(keys)
-            for c in missing:
-                self._load_errors.update(b for b in ids[c * bpc:(c + 1) * bpc] if b != SKIP_BLOCK)
+            self._report_failed(missing)
             if not self._settings.layerwise:  # everything arrives before the forward starts
                 self._finish_loads()
         if meta.saves:
@@ -131,6 +132,14 @@ class ConnectorWorker:
         if self._load is not None:
             load, self._load = self._load, None
             load.close()
+            self._report_failed(load.invalid)
+
+    def _report_failed(self, chunks: list[int]) -> None:
+        """Blocks of chunks that did not load (or loaded from a reused slot): vLLM recomputes them."""
+        ids = self._load_ids
+        bpc = len(ids) // max(1, self._load_chunks)
+        for c in chunks:
+            self._load_errors.update(b for b in ids[c * bpc:(c + 1) * bpc] if b != SKIP_BLOCK)
 
     def take_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
