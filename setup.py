@@ -46,7 +46,7 @@ setup(
     python_requires=">=3.10",
     packages=["kvstore", "kvstore.master", "kvstore.agent", "kvstore.connectors", "kvstore.connectors.vllm",
               "kvstore.connectors.sglang", "kvstore.benchmarks", "kvstore.benchmarks.e2e"],
-    package_data={"kvstore.benchmarks.e2e": ["llama31_8b/config.json"]},
+    package_data={"kvstore.benchmarks.e2e": ["llama31_8b/config.json"], "kvstore.master": ["kvstore_master.proto"]},
     package_dir={
         "kvstore": "kvstore",
         "kvstore.master": "master",
@@ -59,6 +59,8 @@ setup(
     install_requires=[
         "numpy>=1.26",
         "lmdb==1.7.5",
+        "grpcio==1.85.3",
+        "protobuf>=7.35.1,<8",
         "PyYAML>=6.0",
         "prometheus-client==0.23.1",
         "tqdm>=4.66",

@@ -56,8 +56,8 @@ class AgentCore:
         self.stats = metrics.StoreStats()
         self.started_at = time.time()
         self.file = PoolFile.create(cfg.dram_capacity_bytes, shm_path)
-        self.dram = SharedPool(self.file, cfg.dram_slab_bytes,
-                               on_evict=lambda slot: self.stats.add("evictions", tier="dram"))
+        self.cluster = None  # agent/cluster.py ClusterLink when a master is configured
+        self.dram = SharedPool(self.file, cfg.dram_slab_bytes, on_evict=self._on_evict)
         self.ssd = None
         self.writeback = None
         try:
@@ -75,6 +75,15 @@ class AgentCore:
         self._ids = itertools.count(1)
         if cfg.metrics_port:
             metrics.serve(cfg.metrics_port)
+
+    def attach_cluster(self, link) -> None:
+        """Reports admits/evictions to the master and fetches local misses from peers."""
+        self.cluster = link
+
+    def _on_evict(self, slot: Slot) -> None:  # may run under the pool's lock: only queues
+        self.stats.add("evictions", tier="dram")
+        if self.cluster is not None:
+            self.cluster.evicted(slot.key)
 
     # ---- clients -----------------------------------------------------------------------------
     def connect(self) -> ClientState:
@@ -102,13 +111,19 @@ class AgentCore:
 
     # ---- queries -----------------------------------------------------------------------------
     def lookup(self, keys: list[bytes]) -> np.ndarray:
-        """Per key 0 (miss), 1 (DRAM) or 2 (SSD); pins nothing."""
+        """Per key 0 (miss), 1 (DRAM), 2 (SSD) or 3 (another node, per the master: the leading
+        run after the first local miss that a peer holds); pins nothing."""
         out = np.zeros(len(keys), dtype=np.uint8)
         for i, key in enumerate(keys):
             if self.dram.contains(key):
                 out[i] = 1
             elif self.ssd is not None and self.ssd.contains(key):
                 out[i] = 2
+        misses = np.flatnonzero(out == 0)
+        if self.cluster is not None and len(misses):
+            first = int(misses[0])
+            run = self.cluster.locate(keys[first:])
+            out[first:first + run][out[first:first + run] == 0] = 3
         self.stats.add("lookups")
         self.stats.add("lookup_keys", len(keys))
         return out
@@ -122,6 +137,8 @@ class AgentCore:
         states = np.full(n, SlotState.MISS, dtype=np.uint8)
         held: list[Slot] = []
         hits = {"dram": 0, "ssd": 0}
+        if self.cluster is not None:
+            self._fetch_remote(keys, nbytes, fingerprint)
         try:
             for i, key in enumerate(keys):
                 slot, tier = self._acquire(key, nbytes, fingerprint)
@@ -146,6 +163,16 @@ class AgentCore:
             client.leases[lease] = held
         return lease, Slots(offsets, gens, states)
 
+    def _fetch_remote(self, keys: list[bytes], nbytes: int, fingerprint: int) -> None:
+        """Fetches the run after the first local miss from peers into DRAM (a failure: a miss)."""
+        first = next((i for i, k in enumerate(keys) if not (self.dram.contains(k) or (
+            self.ssd is not None and self.ssd.contains(k)))), None)
+        if first is None:
+            return
+        got = self.cluster.fetch_run(keys[first:], nbytes, fingerprint)
+        if got:
+            self.stats.add("hits", got, tier="remote")
+
     def end_read(self, client: ClientState, lease: int) -> None:
         slots = client.leases.pop(lease, None)
         if slots is None:
@@ -155,8 +182,11 @@ class AgentCore:
 
     def _acquire(self, key: bytes, nbytes: int, fingerprint: int) -> tuple[Slot | None, str]:
         try:
-            return acquire_for_load(self.dram, self.ssd, key, nbytes, fingerprint, on_promoted=lambda n: (
+            slot, tier = acquire_for_load(self.dram, self.ssd, key, nbytes, fingerprint, on_promoted=lambda n: (
                 self.stats.add("bytes", n, tier="ssd", dst="dram")))
+            if tier == "ssd" and self.cluster is not None:
+                self.cluster.admitted([key])
+            return slot, tier
         except PoolFullError:  # DRAM is all pinned: a miss, the engine recomputes
             self.stats.add("dropped", tier="promotion")
             return None, ""
@@ -193,6 +223,8 @@ class AgentCore:
         self.stats.add("commits", len(slots))
         if self.writeback is not None and slots:
             self.writeback.enqueue([s.key for s in slots])
+        if self.cluster is not None and slots:
+            self.cluster.admitted([s.key for s in slots])
 
     def abort(self, client: ClientState, keys: list[bytes]) -> None:
         for slot in self._reserved(client, keys):
@@ -240,10 +272,14 @@ class AgentCore:
                                                   "capacity_bytes": self.ssd.capacity_bytes,
                                                   "path": str(self.ssd.path)},
             "clients": clients, "hit_rate": (hits / asked) if asked else None, "counters": counters,
+            "cluster": None if self.cluster is None else self.cluster.status(),
         }
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Drains write-back, then closes the SSD index (LMDB syncs on close)."""
+        """Leaves the cluster, drains write-back, then closes the SSD index (LMDB syncs on close)."""
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.cluster = None
         if self.writeback is not None:
             self.writeback.close(timeout_s)
             self.writeback = None

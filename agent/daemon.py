@@ -38,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config-file", default=None, help="YAML config file (default: $KVSTORE_CONFIG)")
     p.add_argument("--drain-s", type=float, default=2.0, help="on SIGTERM, how long clients holding "
                    "reservations or leases may still commit / release")
+    p.add_argument("--master", default=None, help="cluster master host:port (config: master)")
+    p.add_argument("--node-id", default=None, help="node id in the cluster (config: node_id)")
+    p.add_argument("--remote-listen", default=None, help="host:port for peers' fetches (config: remote_listen)")
+    p.add_argument("--debug-serve-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)  # tests only
     p.add_argument("--log-level", default="INFO")
 
 
@@ -49,8 +53,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         overrides[key.strip()] = value
     for flag, key in (("dram_capacity", "dram_capacity_bytes"), ("ssd_path", "ssd_path"),
-                      ("ssd_capacity", "ssd_capacity_bytes")):
-        if getattr(args, flag) is not None:
+                      ("ssd_capacity", "ssd_capacity_bytes"), ("master", "master"), ("node_id", "node_id"),
+                      ("remote_listen", "remote_listen")):
+        if getattr(args, flag, None) is not None:
             overrides[key] = getattr(args, flag)
     if "dram_slab_bytes" not in overrides and "dram_capacity_bytes" in overrides:
         cap = parse_size(overrides["dram_capacity_bytes"], "dram_capacity_bytes")
@@ -68,6 +73,12 @@ def run(args: argparse.Namespace) -> int:
     core = AgentCore(config, shm_path=None if args.shm == "memfd" else args.shm)
     try:
         server = AgentServer(core, socket_path, drain_s=args.drain_s)
+        if config.master is not None:
+            from .cluster import ClusterLink
+            core.attach_cluster(ClusterLink(core, master=config.master, token=config.master_token,
+                                            node_id=config.node_id, listen=config.remote_listen,
+                                            serve_delay_s=getattr(args, "debug_serve_delay_ms", 0.0) / 1000,
+                                            timeout_s=config.master_timeout_ms / 1000).start())
     except BaseException:
         core.close()
         raise
@@ -75,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: server.stop())
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     print(f"kvstore agent listening on {socket_path} (pid {os.getpid()}); "
-          f"DRAM {config.dram_capacity_bytes} bytes, SSD {config.ssd_path}", flush=True)
+          f"DRAM {config.dram_capacity_bytes} bytes, SSD {config.ssd_path}"
+          + ("" if core.cluster is None else f"; node {core.cluster.node_id} serving peers on "
+             f"{core.cluster.address}, master {config.master}"), flush=True)
     server.serve_forever()
     return 0
 

@@ -14,6 +14,8 @@ BENCHMARKS = {
     "worker": ("worker_gpu", "vLLM worker path on CUDA: layer-wise save/load GB/s and per-layer waits (needs a GPU)"),
     "e2e": ("e2e.vllm_ttft", "TTFT in real vLLM: recompute vs native CPU offload vs kvstore (needs a GPU)"),
     "agent": ("agent", "node agent: lookup round trips, save/load GB/s vs the embedded store"),
+    "master": ("master", "cluster master: batched Match lookups/s and p50/p99 with 1M keys, streamed deltas"),
+    "remote": ("remote", "remote tier: agent-to-agent fetch GB/s vs a raw TCP stream on loopback"),
 }
 
 
@@ -34,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .agent import daemon
     daemon.add_arguments(sub.add_parser("agent", help="run the node agent daemon (shared DRAM pool + SSD tier)"))
+    try:
+        from .master import server as master_server
+        master_server.add_arguments(sub.add_parser("master", help="run the cluster master (gRPC + LMDB)"))
+    except ImportError as e:  # grpcio missing
+        sub.add_parser("master", help=f"run the cluster master (unavailable: {e})").set_defaults(unavailable=str(e))
     status = sub.add_parser("status", help="print the node agent's pool/SSD occupancy, clients and hit counts")
     status.add_argument("--socket", default=None, help="agent socket (default: the `agent` config key's, else "
                         "the default agent socket)")
@@ -63,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "agent":
             from .agent import daemon
             return daemon.run(args)
+        if args.command == "master":
+            if getattr(args, "unavailable", None):
+                print(f"kvstore master is unavailable: {args.unavailable}", file=sys.stderr)
+                return 2
+            from .master import server as master_server
+            return master_server.run(args)
         if args.command == "status":
             from .agent.status import run as status_run
             return status_run(args)

@@ -94,6 +94,14 @@ class Config:
     agent: str | None = _opt(None, _OPT_STR, "none: embedded store; 'unix:///path': use the node agent on that "
                              "socket; 'auto' or 'auto:///path': join the local agent, starting one if none runs")
     agent_timeout_ms: int = _opt(5000, _INT, "bound on every agent request (then a typed error or a miss)")
+    master: str | None = _opt(None, _OPT_STR, "none, or the cluster master's 'host:port': the agent registers, "
+                              "reports its objects and fetches local misses from other nodes")
+    master_token: str | None = _opt(None, _OPT_STR, "shared token for the master and the remote tier (required "
+                                    "off loopback); prefer KVSTORE_MASTER_TOKEN over a file")
+    node_id: str | None = _opt(None, _OPT_STR, "this agent's node id in the cluster (default: hostname-pid)")
+    remote_listen: str = _opt("127.0.0.1:0", _OPT_STR, "host:port the agent serves peers' fetches on (remote "
+                              "tier; port 0: any free port); non-loopback requires master_token")
+    master_timeout_ms: int = _opt(5000, _INT, "bound on every master RPC (then a miss or a resync)")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -109,6 +117,11 @@ class Config:
             (self.agent is None or self.agent == "auto" or self.agent.startswith(("unix:///", "auto:///")),
              "agent must be none, 'auto', 'auto:///path' or 'unix:///path'"),
             (self.agent_timeout_ms > 0, "agent_timeout_ms must be > 0"),
+            (self.master is None or _host_port(self.master), "master must be 'host:port'"),
+            (self.remote_listen is not None and _host_port(self.remote_listen), "remote_listen must be 'host:port'"),
+            (self.node_id is None or re.fullmatch(r"[A-Za-z0-9._-]{1,64}", self.node_id) is not None,
+             "node_id must match [A-Za-z0-9._-]{1,64}"),
+            (self.master_timeout_ms > 0, "master_timeout_ms must be > 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -147,6 +160,11 @@ class Config:
         for f in dataclasses.fields(self):
             lines.append(f"{f.name}: {yaml.safe_dump(getattr(self, f.name)).splitlines()[0]}  # {f.metadata['doc']}")
         return "\n".join(lines)
+
+
+def _host_port(value: str) -> bool:
+    host, sep, port = value.rpartition(":")
+    return bool(sep and host and port.isdigit() and int(port) < 65536)
 
 
 def _env_names() -> str:

@@ -1,0 +1,318 @@
+"""The remote DRAM tier's transport (G4, DESIGN.md §3): agent-to-agent object fetch.
+
+One small interface, Transport.fetch(address, keys, ...) -> per key ok/miss, with one
+implementation here: plain TCP with a fixed binary framing (threads, sendall straight from the
+source's pool slots, recv_into straight into the destination's reserved slots). ucxx (the
+UCX binding the issue names for RDMA) is not installable on this machine, so TcpTransport is the
+only implementation; a UcxxTransport would implement the same fetch().
+
+Wire (little-endian), many objects per request, pipelined in one reply stream:
+  request = b"KVR1" | n u32 | nbytes u64 | fingerprint u64 | token_nbytes u16 | pad u16
+            | token | n * 16-byte keys
+  reply   = b"KVR1" | n u32 | status u32 | pad u32 | n * (state u8) | n * (checksum u64)
+            | the payload (nbytes) of every key whose state is 1, in request order
+  status 0 = OK; otherwise the reply ends after its header and a UTF-8 message of `pad` bytes
+  (bad token, malformed request, too many keys). A request that does not parse closes the
+  connection. Every receive has a deadline that scales with the bytes expected
+  (base + bytes / min_rate).
+The destination verifies each object's checksum (against the master's index when it has one,
+else the source's) before it commits the slot: a mismatch or a broken stream is a miss.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from ._native import C
+
+log = logging.getLogger(__name__)
+MAGIC = b"KVR1"
+_REQ = struct.Struct("<4sIQQHH")
+_REP = struct.Struct("<4sIII")
+KEY_NBYTES = 16
+MAX_KEYS = 4096
+MAX_TOKEN = 256
+BASE_TIMEOUT_S = 2.0
+MIN_RATE_BPS = 100e6  # the slowest rate a fetch may take before it is abandoned
+ST_OK, ST_UNAUTHENTICATED, ST_INVALID = 0, 1, 2
+
+
+def timeout_for(nbytes: int) -> float:
+    return BASE_TIMEOUT_S + nbytes / MIN_RATE_BPS
+
+
+@dataclass
+class FetchStats:
+    objects: int = 0
+    bytes: int = 0
+    misses: int = 0
+    checksum_mismatches: int = 0
+    failures: int = 0     # broken or timed-out streams, refused connections
+
+
+class Transport(Protocol):
+    def fetch(self, address: str, keys: Sequence[bytes], nbytes: int, fingerprint: int,
+              reserve: Callable[[int], np.ndarray | None], finish: Callable[[int, bool], None],
+              expected: Sequence[int] | None = None) -> int:
+        """Fetches keys from the node at address. For each key the source holds, reserve(i)
+        returns a writable uint8 array of >= nbytes (or None to skip it) and finish(i, ok) is
+        called once with ok = the bytes arrived whole and their checksum matches expected[i] (or
+        the source's checksum when expected is None). Returns the number of objects stored;
+        never raises for network failures (they are misses, counted in stats)."""
+
+
+class FetchError(Exception):
+    pass
+
+
+def _recv_into(sock: socket.socket, view: memoryview, deadline: float) -> None:
+    got = 0
+    while got < len(view):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise FetchError("timed out")
+        sock.settimeout(min(left, 5.0))
+        try:
+            n = sock.recv_into(view[got:])
+        except socket.timeout:
+            continue
+        if n == 0:
+            raise FetchError("connection closed by the source")
+        got += n
+
+
+def _recv(sock: socket.socket, n: int, deadline: float) -> bytes:
+    buf = bytearray(n)
+    _recv_into(sock, memoryview(buf), deadline)
+    return bytes(buf)
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class TcpTransport:
+    """Client side: one persistent connection per source address (a lock per connection)."""
+
+    def __init__(self, token: str | None = None, connect_timeout_s: float = 2.0):
+        self.token = (token or "").encode()
+        self.connect_timeout_s = connect_timeout_s
+        self.stats = FetchStats()
+        self._conns: dict[str, socket.socket] = {}
+        self._lock = threading.Lock()
+
+    def _connect(self, address: str) -> socket.socket:
+        with self._lock:
+            sock = self._conns.pop(address, None)
+        if sock is not None:
+            return sock
+        sock = socket.create_connection(_split(address), timeout=self.connect_timeout_s)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def _keep(self, address: str, sock: socket.socket) -> None:
+        with self._lock:
+            old = self._conns.get(address)
+            self._conns[address] = sock
+        if old is not None:
+            old.close()
+
+    def fetch(self, address, keys, nbytes, fingerprint, reserve, finish, expected=None) -> int:
+        stored = 0
+        for start in range(0, len(keys), MAX_KEYS):
+            part = list(keys[start:start + MAX_KEYS])
+            exp = None if expected is None else list(expected[start:start + MAX_KEYS])
+            got, complete = self._fetch_part(address, part, nbytes, fingerprint,
+                                             lambda i, s=start: reserve(s + i),
+                                             lambda i, ok, s=start: finish(s + i, ok), exp)
+            stored += got
+            if not complete:
+                break
+        return stored
+
+    def _fetch_part(self, address, keys, nbytes, fingerprint, reserve, finish, expected) -> tuple[int, bool]:
+        n = len(keys)
+        deadline = time.monotonic() + timeout_for(n * nbytes)
+        try:
+            sock = self._connect(address)
+        except OSError as e:
+            self.stats.failures += 1
+            self.stats.misses += n
+            log.warning("remote fetch: cannot connect to %s: %s", address, e)
+            return 0, False
+        stored = 0
+        pending: int | None = None  # index reserved but not finished (the stream broke in its payload)
+        done = 0
+        try:
+            sock.sendall(_REQ.pack(MAGIC, n, nbytes, fingerprint, len(self.token), 0) + self.token + b"".join(keys))
+            magic, count, status, msg_len = _REP.unpack(_recv(sock, _REP.size, deadline))
+            if magic != MAGIC:
+                raise FetchError(f"bad reply magic {magic!r}")
+            if status != ST_OK:
+                raise FetchError(f"source refused: {_recv(sock, min(msg_len, 4096), deadline).decode(errors='replace')}")
+            if count != n:
+                raise FetchError(f"reply counts {count} objects, asked {n}")
+            states = np.frombuffer(_recv(sock, n, deadline), dtype=np.uint8)
+            sums = np.frombuffer(_recv(sock, 8 * n, deadline), dtype="<u8")
+            scratch = None
+            for i in range(n):
+                if states[i] != 1:
+                    self.stats.misses += 1
+                    continue
+                dst = reserve(i)
+                if dst is None:
+                    if scratch is None:
+                        scratch = np.empty(nbytes, dtype=np.uint8)
+                    _recv_into(sock, memoryview(scratch), deadline)
+                    continue
+                pending = i
+                _recv_into(sock, memoryview(dst)[:nbytes], deadline)
+                want = int(sums[i]) if expected is None else int(expected[i])
+                ok = C.checksum(dst, nbytes) == want
+                pending = None
+                if not ok:
+                    self.stats.checksum_mismatches += 1
+                    log.warning("remote fetch from %s: checksum mismatch on %s: a miss", address, keys[i].hex())
+                finish(i, ok)
+                if ok:
+                    stored += 1
+                    self.stats.objects += 1
+                    self.stats.bytes += nbytes
+            done = n
+            self._keep(address, sock)
+            return stored, True
+        except (OSError, FetchError, struct.error) as e:
+            if pending is not None:
+                finish(pending, False)
+            self.stats.failures += 1
+            self.stats.misses += max(0, n - done - stored)
+            log.warning("remote fetch from %s failed after %d objects: %s", address, stored, e)
+            sock.close()
+            return stored, False
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._conns = list(self._conns.values()), {}
+        for s in conns:
+            s.close()
+
+
+class ObjectSource(Protocol):
+    def acquire_remote(self, key: bytes, nbytes: int, fingerprint: int):
+        """A pinned slot (with .payload) or None."""
+
+    def release_remote(self, slot) -> None: ...
+
+    def checksum_of(self, slot) -> int: ...
+
+
+class TcpServer:
+    """Source side: serves fetches of this node's objects; one thread per connection."""
+
+    def __init__(self, source: ObjectSource, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+                 serve_delay_s: float = 0.0):
+        from .errors import ConfigError
+        if host not in ("127.0.0.1", "localhost", "::1") and not token:
+            raise ConfigError(f"the remote tier listens on non-loopback {host!r}: a token (master_token) is required")
+        self.source = source
+        self.token = (token or "").encode()
+        self.serve_delay_s = serve_delay_s  # tests only: slows each object so a fault can land mid-fetch
+        self._listener = socket.create_server((host, port), backlog=64)
+        self._listener.settimeout(0.2)
+        self.host, self.port = host, self._listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept_loop, name="kvstore-remote-accept", daemon=True)
+        self.served_objects = 0
+        self.served_bytes = 0
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> "TcpServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self._listener.close()
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    return
+                time.sleep(0.1)
+                continue
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._serve, args=(conn,), name="kvstore-remote-conn", daemon=True).start()
+
+    def _refuse(self, conn: socket.socket, status: int, message: str) -> None:
+        msg = message.encode()
+        conn.sendall(_REP.pack(MAGIC, 0, status, len(msg)) + msg)
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    head = _recv(conn, _REQ.size, time.monotonic() + 3600)
+                except FetchError:
+                    return
+                magic, n, nbytes, fingerprint, token_len, _ = _REQ.unpack(head)
+                if magic != MAGIC or token_len > MAX_TOKEN:
+                    return self._refuse(conn, ST_INVALID, "malformed request header")
+                deadline = time.monotonic() + BASE_TIMEOUT_S
+                token = _recv(conn, token_len, deadline) if token_len else b""
+                if self.token and not hmac.compare_digest(token, self.token):
+                    return self._refuse(conn, ST_UNAUTHENTICATED, "missing or wrong token")
+                if n > MAX_KEYS or nbytes == 0 or nbytes > (1 << 40):
+                    return self._refuse(conn, ST_INVALID, f"bad request: {n} keys (max {MAX_KEYS}), nbytes {nbytes}")
+                raw = _recv(conn, n * KEY_NBYTES, deadline)
+                keys = [raw[i:i + KEY_NBYTES] for i in range(0, len(raw), KEY_NBYTES)]
+                self._answer(conn, keys, nbytes, fingerprint)
+        except (OSError, FetchError):
+            pass
+        finally:
+            conn.close()
+
+    def _answer(self, conn: socket.socket, keys: list[bytes], nbytes: int, fingerprint: int) -> None:
+        n = len(keys)
+        slots = []
+        try:
+            for key in keys:
+                try:
+                    slots.append(self.source.acquire_remote(key, nbytes, fingerprint))
+                except Exception as e:  # a read error on this node: a miss for the peer
+                    log.warning("remote serve: %s: %s", key.hex(), e)
+                    slots.append(None)
+            states = np.array([s is not None for s in slots], dtype=np.uint8)
+            sums = np.array([self.source.checksum_of(s) if s is not None else 0 for s in slots], dtype="<u8")
+            conn.sendall(_REP.pack(MAGIC, n, ST_OK, 0) + states.tobytes() + sums.tobytes())
+            for i, slot in enumerate(slots):
+                if slot is None:
+                    continue
+                if self.serve_delay_s:
+                    time.sleep(self.serve_delay_s)
+                conn.sendall(memoryview(slot.payload))
+                self.source.release_remote(slot)
+                slots[i] = None
+                self.served_objects += 1
+                self.served_bytes += nbytes
+        finally:
+            for slot in slots:
+                if slot is not None:
+                    self.source.release_remote(slot)
