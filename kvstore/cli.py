@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     try:
         from .master import server as master_server
         master_server.add_arguments(sub.add_parser("master", help="run the cluster master (gRPC + LMDB)"))
-    except ImportError as e:  # grpcio missing
+    except Exception as e:  # noqa: BLE001 - grpc missing or older than the generated code
         sub.add_parser("master", help=f"run the cluster master (unavailable: {e})").set_defaults(unavailable=str(e))
     status = sub.add_parser("status", help="print the node agent's pool/SSD occupancy, clients and hit counts")
     status.add_argument("--socket", default=None, help="agent socket (default: the `agent` config key's, else "
@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = bench.add_parser(name, help=text)
         try:
             _bench_module(name).add_arguments(p)
-        except ImportError as e:
-            p.set_defaults(unavailable=str(e))
+        except Exception as e:  # noqa: BLE001 - a missing or mismatched optional dependency (grpc, torch)
+            p.set_defaults(unavailable=f"{type(e).__name__}: {e}")
     return parser
 
 

@@ -60,7 +60,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         return ConnectorSettings.from_extra_config(extra_config).layerwise
 
     # ---- scheduler side ----------------------------------------------------------------------
-    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request: "Request", blocks, num_external_tokens: int) -> None:

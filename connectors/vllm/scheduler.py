@@ -77,14 +77,18 @@ class ConnectorScheduler:
             ns = self._namespaces[lora] = shard_namespace(self._vllm_config, self._settings, tp_rank=0, lora=lora)
         return ns
 
-    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         state = self._state(request)
         # The last prompt token is always computed (it yields the first output token).
         loadable_chunks = min((request.num_prompt_tokens - 1) // self._chunk,
                               self._store.lookup(state.keys[:(request.num_prompt_tokens - 1) // self._chunk]))
         first_to_load = num_computed_tokens // self._chunk
-        budget = self._step_load_budget - self._step_loads
-        loadable_chunks = min(loadable_chunks, first_to_load + max(0, budget))
+        wanted = loadable_chunks - first_to_load
+        if wanted > 0:
+            left = self._step_load_budget - self._step_loads
+            if wanted > left and self._step_loads:
+                return None, False  # this step's DRAM budget is spoken for: ask again next step
+            loadable_chunks = first_to_load + min(wanted, left)  # larger than any step: load what fits
         state.hit_tokens = max(loadable_chunks * self._chunk, num_computed_tokens)
         return max(0, state.hit_tokens - num_computed_tokens), False
 

@@ -276,7 +276,7 @@ def test_plugin_registers_by_name_once(vllm_utils, tmp_path):
 
 
 def test_a_step_never_promises_more_chunks_than_half_the_dram_tier(vllm_utils, tmp_path):
-    chunk_bytes = LAYERS * 2 * CHUNK * HEADS * HEAD * 2                 # 576 KiB
+    chunk_bytes = LAYERS * 2 * CHUNK * HEADS * HEAD * 2                 # 1152 KiB
     config = make_config(vllm_utils, tmp_path, store={"dram_capacity_bytes": 5 * chunk_bytes,
                                                       "dram_slab_bytes": chunk_bytes})
     engine = Engine(vllm_utils, config)
@@ -290,5 +290,28 @@ def test_a_step_never_promises_more_chunks_than_half_the_dram_tier(vllm_utils, t
     engine.add(b)
     out, meta = engine.step()
     assert [len(load.keys) for load in meta.loads] == [2] and not engine.errors[-1]
+    engine.run_to_end()
+    engine.u.assert_scheduler_empty(engine.scheduler)
+
+
+def test_a_request_over_the_step_budget_waits_a_step_instead_of_recomputing(vllm_utils, tmp_path):
+    chunk_bytes = LAYERS * 2 * CHUNK * HEADS * HEAD * 2
+    config = make_config(vllm_utils, tmp_path, store={"dram_capacity_bytes": 9 * chunk_bytes,
+                                                      "dram_slab_bytes": chunk_bytes})   # 4 chunks a step
+    engine = Engine(vllm_utils, config)
+    for req_id in (40, 43):  # two different prompts of 3 whole chunks each (enough output tokens that
+        # vLLM's mock runner, which samples a token on every step, does not end them mid-prompt)
+        engine.add(make_request(vllm_utils, req_id, num_tokens=100, common_prefix_len=0, max_tokens=10))
+    engine.run_to_end()
+    engine.reset_gpu()
+    b = make_request(vllm_utils, 40, num_tokens=100, common_prefix_len=0)
+    c = make_request(vllm_utils, 43, num_tokens=100, common_prefix_len=0)
+    engine.add(b)
+    engine.add(c)
+    out, meta = engine.step()                     # b loads 3 chunks; c would not fit: it waits a step
+    assert [ld.req_id for ld in meta.loads] == [b.request_id] and c.request_id not in out.num_scheduled_tokens
+    out, meta = engine.step()                     # then c loads its chunks instead of recomputing them
+    assert [ld.req_id for ld in meta.loads] == [c.request_id] and out.num_scheduled_tokens[c.request_id] == 100 - 96
+    engine.assert_kv_exact(c, upto=100)
     engine.run_to_end()
     engine.u.assert_scheduler_empty(engine.scheduler)
