@@ -49,6 +49,7 @@ def _run_size(torch, store, tokens: int, chunk: int, repeats: int) -> dict:
     n = 1024
     while True:
         a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+        a @ a  # warm-up: cuBLAS picks and loads its kernel on the first call of a shape
         torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(10):
