@@ -368,18 +368,23 @@ def test_auto_starts_a_shared_agent_that_outlives_its_starter(tmp_path):
     fake = Agent(tmp_path)
     fake.socket = str(sock)
     procs = [child(JOIN_AUTO, type("A", (), {"address": address})(), "29", str(tmp_path / "ssd")) for _ in range(2)]
-    pids = {int(wait_ready(p).split()[1]) for p in procs}
-    assert [p.wait(30) for p in procs] == [0, 0]
-    assert len(pids) == 1, "both engines must share one agent"
-    (pid,) = pids
+    pids: set[int] = set()
     try:
+        pids = {int(wait_ready(p).split()[1]) for p in procs}
+        assert [p.wait(30) for p in procs] == [0, 0]
+        assert len(pids) == 1, "both engines must share one agent"
+        (pid,) = pids
         status = fake.status()                               # the starters are gone, the agent is not
         assert status["pid"] == pid and status["dram"]["objects"] == 4
         cache, keys, ids = request(29)
         with kvstore.Store(agent=address, chunk_tokens=CHUNK) as store:
             assert store.lookup(keys) == len(keys)
     finally:
-        os.kill(pid, signal.SIGTERM)                         # graceful: drains write-back, closes the index
+        for started in pids:  # graceful: drains write-back, closes the index; never left running
+            try:
+                os.kill(started, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
     wait_until(lambda: not os.path.exists(sock), 15)
     wait_until(lambda: _gone(pid), 15)
     tier = SsdTier(tmp_path / "ssd", 64 << 20, 4 << 20)      # the flock is free, the objects are there
