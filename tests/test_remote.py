@@ -35,7 +35,29 @@ def wait_until(cond, timeout_s: float = 10.0, what: str = "condition") -> None:
         time.sleep(0.05)
 
 
-class Master:
+class _Service:
+    """A daemon subprocess (master or agent) the test stops or kills; `proc` is set by start()."""
+    proc: subprocess.Popen | None = None
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(5)
+        self.proc.stdout.close()
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+            self.proc.stdout.close()
+            self.proc = None
+
+
+class Master(_Service):
     def __init__(self, tmp_path: Path, port: int = 0):
         self.data_dir = str(tmp_path / "master")
         self.port = port
@@ -66,25 +88,8 @@ class Master:
         finally:
             c.close()
 
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(5)
-        self.proc.stdout.close()
-        self.proc = None
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-            self.proc.stdout.close()
-            self.proc = None
-
-
-class Node:
+class Node(_Service):
     def __init__(self, tmp_path: Path, name: str, master: Master, dram: str = "16MiB", serve_delay_ms: float = 0):
         self.name = name
         self.socket = str(tmp_path / f"{name}.sock")
@@ -114,23 +119,6 @@ class Node:
             return json.loads(c.request(P.Op.STATUS))
         finally:
             c.close()
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(5)
-        self.proc.stdout.close()
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-            self.proc.stdout.close()
-            self.proc = None
 
 
 @pytest.fixture
