@@ -66,3 +66,19 @@ def plot_lines(out_dir: Path, name: str, title: str, xlabel: str, ylabel: str, x
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def pinned_h2d_gbps(nbytes: int, repeats: int = 6) -> float:
+    """The PCIe ceiling: best of `repeats` one-shot copies of nbytes from pinned host memory to the GPU."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best / GB

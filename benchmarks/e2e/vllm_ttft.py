@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..common import pinned_h2d_gbps
+
 CONFIGS = ("recompute", "native", "kvstore", "kvstore_ssd", "kvstore_nolayerwise")
 KV_BYTES_PER_TOKEN = 32 * 2 * 8 * 128 * 2  # Llama-3.1-8B, bf16
 
@@ -103,20 +105,6 @@ def _child(args) -> dict:
     return result
 
 
-def _pinned_ceiling_gbps(nbytes: int) -> float:
-    import torch
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    best = float("inf")
-    for _ in range(6):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        dst.copy_(src, non_blocking=True)
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return nbytes / best / 1e9
-
-
 def run(args) -> dict:
     if args.report:
         from .report import build_report
@@ -148,7 +136,7 @@ def run(args) -> dict:
         result["gpu"] = gpu
         (out_dir / f"e2e_{config}.json").write_text(json.dumps(result, indent=2))  # kept if a later one dies
     lengths = [int(x) for x in args.lengths.split(",")]
-    ceilings = {str(n): _pinned_ceiling_gbps(n * KV_BYTES_PER_TOKEN) for n in lengths}
+    ceilings = {str(n): pinned_h2d_gbps(n * KV_BYTES_PER_TOKEN) for n in lengths}
     (out_dir / f"e2e_ceiling_{int(time.time())}.json").write_text(json.dumps({"gpu": gpu, "pinned_gbps": ceilings}))
     from .report import build_report
     return build_report(out_dir)
