@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=int, default=0)
     p.add_argument("--part", default="all", choices=["all", "interference", "layerwise"],
                    help="which extras to run on the first case (unless --quick)")
+    p.add_argument("--block-ids", default="random,runs",
+                   help="comma list: random = a random permutation (the worst case), runs = each chunk's 16 "
+                        "blocks consecutive at a random place (a fresh engine hands out runs like these)")
     p.add_argument("--rounds", type=int, default=7,
                    help="interleaved rounds of the matmul-interference variants (layer-wise: 2*rounds+1)")
 
@@ -119,26 +122,37 @@ def run(args) -> dict:
     results = {"gpu": info, "torch": torch.__version__, "cuda_runtime": C.cuda_runtime_version(),
                "host": platform.node(), "pin_seconds": pin_s, "cases": [], "notes": []}
 
-    cases = [(s, t) for s in shapes for t in token_list]
+    patterns = [p for p in args.block_ids.split(",") if p]
+    if not set(patterns) <= {"random", "runs"}:
+        raise SystemExit(f"--block-ids: unknown pattern in {args.block_ids!r} (random, runs)")
+    cases = [(s, t, p) for p in patterns for s in shapes for t in token_list]
     bar = tqdm(total=len(cases), desc="gpu bench", unit="case")
-    for shape, tokens in cases:
+    for shape, tokens, pattern in cases:
         L, H, D, mla = SHAPES[shape]
         planes = 1 if mla else 2
         n_blocks_req = tokens // BLOCK
         num_blocks = n_blocks_req + n_blocks_req // 4 + 1
+        bpc = CHUNK // BLOCK
+        n_chunks = tokens // CHUNK
         caches = [torch.randint(-2**15, 2**15 - 1, s, dtype=torch.int16, device="cuda", generator=gen)
                   .view(torch.bfloat16) for s in layer_shape(L, H, D, mla, num_blocks)]
         layout = KVLayout.from_mla(caches) if mla else KVLayout.from_flash_attn(caches)
-        bpc = CHUNK // BLOCK
-        n_chunks = tokens // CHUNK
         rng = np.random.default_rng(tokens)
-        ids = rng.permutation(num_blocks)[:n_blocks_req].astype(np.int64)
-        ids[-1] = num_blocks - 1
+        if pattern == "random":
+            ids = rng.permutation(num_blocks)[:n_blocks_req].astype(np.int64)
+            ids[-1] = num_blocks - 1
+        else:  # chunk-sized runs at random chunk-aligned places, the last one ending at the last block
+            slots = rng.permutation(num_blocks // bpc)[:n_chunks]
+            ids = (slots[:, None] * bpc + np.arange(bpc)[None, :]).reshape(-1).astype(np.int64)
+            ids[-bpc:] = np.arange(num_blocks - bpc, num_blocks)
         chunk_bytes = layout.chunk_nbytes(CHUNK)
         total = chunk_bytes * n_chunks
         objs = np.array([arena_ptr + i * chunk_bytes for i in range(n_chunks)], np.uint64)
-        case = {"shape": shape, "tokens": tokens, "bytes": total, "chunk_bytes": chunk_bytes,
-                "segment_bytes": BLOCK * H * D * 2, "layout": "mla [B,N,D]" if mla else "flash_attn [2,B,N,H,D]"}
+        plan = C.GpuPlan(layout.native, ids, objs, bpc, sh)
+        case = {"shape": shape, "tokens": tokens, "block_ids": pattern, "bytes": total, "chunk_bytes": chunk_bytes,
+                "segment_bytes": BLOCK * H * D * 2, "dma_segment_bytes": plan.dma_segment_bytes(),
+                "layout": "mla [B,N,D]" if mla else "flash_attn [2,B,N,H,D]"}
+        plan.close()
         reps = args.reps if total < (1 << 31) else max(3, args.reps // 2)
 
         # ceilings
@@ -200,7 +214,7 @@ def run(args) -> dict:
             fn = C.gpu_gather if direction == "save" else C.gpu_scatter
             return lambda: fn(layout.native, ids, objs, bpc, 0, L, stream=sh, path=path, ctas=ctas)
         variants = {}
-        configs = [("auto", 0, 0), ("staged_ce", 3, 0)]
+        configs = [("auto", 0, 0), ("staged", 2, 0), ("dma", 4, 0), ("staged_ce", 3, 0)]
         if args.sweep:
             configs += [("direct", 1, c) for c in (4, 8, 16, 32, 132)] + [("staged", 2, c) for c in (2, 4, 8, 16)]
         for direction in ("save", "load"):
@@ -240,6 +254,8 @@ def run(args) -> dict:
         case["roundtrip_ok"] = bool(ok)
         del ref
 
+        case["ours_staged_save"], case["ours_staged_load"] = variants["save:staged"], variants["load:staged"]
+        case["ours_dma_save"], case["ours_dma_load"] = variants["save:dma"], variants["load:dma"]
         if not args.quick and shape == shapes[0] and tokens == token_list[0]:
             if args.part in ("all", "interference"):
                 case.update(_interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr,
@@ -342,19 +358,17 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
             gbs[kind + "_first_done_ms"] = t[0]
         return 2 * n ** 3 * iters / (ms * 1e-3) / 1e12, covered, gbs
 
-    S = 2
+    S, DMA = 2, 4
     variants = {
         "alone": ([], {}),
         "save": (["save"], {}),
         "load": (["load"], {}),
         "both": (["save", "load"], {}),
-        "save_ctas2": (["save"], dict(path=S, ctas=2)),
-        "save_ctas4": (["save"], dict(path=S, ctas=4)),
-        "save_threads256": (["save"], dict(path=S, threads=256)),
-        "save_pieces16MiB": (["save"], dict(path=S, piece=16 << 20)),
-        "save_ctas4_pieces16MiB": (["save"], dict(path=S, ctas=4, piece=16 << 20)),
-        "load_ctas4": (["load"], dict(path=S, ctas=4)),
-        "load_pieces16MiB": (["load"], dict(path=S, piece=16 << 20)),
+        "save_staged": (["save"], dict(path=S)),
+        "load_staged": (["load"], dict(path=S)),
+        "save_dma": (["save"], dict(path=DMA)),
+        "load_dma": (["load"], dict(path=DMA)),
+        "both_dma": (["save", "load"], dict(path=DMA)),
         "alone_comp_hi": ([], dict(comp=comp_hi)),
         "save_comp_hi": (["save"], dict(comp=comp_hi)),
     }
@@ -522,8 +536,10 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, ceiling_g
     def loader(**kw):
         return lambda: gpu_movers.LayerwiseLoad(layout, ids, objs, bpc, **kw)
 
-    S = gpu_movers.PATH_STAGED
+    S, DMA = gpu_movers.PATH_STAGED, gpu_movers.PATH_DMA
     sms = C.cuda_device_info(dev)["sm_count"]
+    dma = loader(path=DMA)
+    staged = loader(path=S)                              # the staged path with LayerwiseLoad's other defaults
     default = loader()                                   # LayerwiseLoad's defaults (all SMs, high priority)
     old = loader(path=S, ctas=8, priority=0)             # the first runs' defaults
     variants = {
@@ -536,6 +552,10 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, ceiling_g
         "ahead_default": ("ahead", default, comp_lo, ""),
         "ahead_old": ("ahead", old, comp_lo, ""),
         "ahead_allsm_prio0": ("ahead", loader(path=S, ctas=sms, priority=0), comp_lo, ""),
+        "inline_staged": ("inline", staged, comp_lo, ""),
+        "inline_dma": ("inline", dma, comp_lo, ""),
+        "ahead_dma": ("ahead", dma, comp_lo, ""),
+        "pre0_dma": ("layer0_prefetched", dma, comp_lo, ""),
         "pre0_default": ("layer0_prefetched", default, comp_lo, ""),
         "pre0_old": ("layer0_prefetched", old, comp_lo, ""),
         "preall_default": ("all_prefetched", default, comp_lo, ""),
@@ -584,20 +604,26 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, ceiling_g
 def _table(r) -> str:
     g = r["gpu"]
     lines = [f"# GPU movers on {g['name']} ({g['sm_count']} SMs), CUDA runtime {r['cuda_runtime']}, torch {r['torch']}",
-             "", "GB/s (ratio to the pinned one-shot memcpy ceiling of the same bytes, measured in the same run)", "",
-             "| shape | tokens | MiB | dir | ceiling | ours (path) | ratio | naive memcpy/block | batched DMA/block | torch index_select+copy |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "", "GB/s (ratio to the pinned one-shot memcpy ceiling of the same bytes, measured in the same run). "
+             "block ids: random = a random permutation; runs = each chunk's blocks consecutive. "
+             "DMA segment = mean bytes per DMA-path segment (units merged across consecutive ids).", "",
+             "| shape | tokens | block ids | DMA segment KiB | MiB | dir | ceiling | ours auto (path) | ratio | staged | dma (no SMs) | dma ratio "
+             "| naive memcpy/block | batched DMA/block | torch index_select+copy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in r["cases"]:
         for d, ceil in (("save", "ceiling_d2h"), ("load", "ceiling_h2d")):
             lines.append(
-                f"| {c['shape']} | {c['tokens']} | {c['bytes'] / 2**20:.0f} | {d} | {c[ceil]:.1f} | "
+                f"| {c['shape']} | {c['tokens']} | {c.get('block_ids', 'random')} | "
+                f"{c.get('dma_segment_bytes', 0) / 1024:.0f} | {c['bytes'] / 2**20:.0f} | {d} | {c[ceil]:.1f} | "
                 f"{c['ours_' + d]:.1f} ({c['auto_path_' + d]}) | {c['ratio_' + d]:.3f} | "
+                f"{c.get('ours_staged_' + d, 0):.1f} | {c.get('ours_dma_' + d, 0):.1f} | "
+                f"{c.get('ours_dma_' + d, 0) / c[ceil]:.3f} | "
                 f"{c['naive_' + d]:.1f} ({c['ratio_naive_' + d]:.2f}) | {c['batched_dma_' + d]:.1f} | "
                 f"{c['torch_' + d]:.1f} ({c['ratio_torch_' + d]:.2f}) |")
     for c in r["cases"]:
         if "matmul_tflops_alone" in c:
             al = c["matmul_tflops_alone"]
-            lines += ["", f"SM interference ({c['shape']}, {c['tokens']} tokens): bf16 8192^3 matmul, medians of "
+            lines += ["", f"SM interference ({c['shape']}, {c['tokens']} tokens, {c.get('block_ids', 'random')} block ids): bf16 8192^3 matmul, medians of "
                       f"{c['matmul_rounds']} interleaved rounds of {c['matmul_iters']} matmuls; alone {al:.0f} TFLOP/s"
                       + (f"; NOT covered by transfers for the whole loop: {c['matmul_uncovered']}"
                          if c.get("matmul_uncovered") else ""), "",
@@ -618,7 +644,7 @@ def _table(r) -> str:
             lines += ["", f"Bidirectional: ours {c['bidir_ours']:.1f} GB/s vs memcpy both ways "
                       f"{c['bidir_ceiling']:.1f} GB/s ({c['bidir_ratio']:.3f})"]
         if "layerwise_overhead_by_variant" in c:
-            lines += ["", f"Layer-wise ({layer_count(c)} layers, matmul n={c['layerwise_matmul_n']}, "
+            lines += ["", f"Layer-wise ({c.get('block_ids', 'random')} block ids, {layer_count(c)} layers, matmul n={c['layerwise_matmul_n']}, "
                       f"{c['layerwise_compute_layer_ms']:.3f} ms per layer (the first runs' sizing, suffix _nold: n="
                       f"{c.get('layerwise_matmul_n_old_sizing')}, {c.get('layerwise_compute_ms_old_sizing', 0) / 32:.3f} ms) vs "
                       f"{c['layerwise_per_layer_load_ms_at_ceiling']:.3f} ms per layer's load at the H2D ceiling; "
@@ -631,10 +657,10 @@ def _table(r) -> str:
                 o = c["layerwise_overhead_by_variant"].get(k)
                 lines.append(f"| {k} | {v:.3f} | " + (f"{100 * o:.2f} %" if o is not None else "-") +
                              f" | {100 * c['layerwise_rel_stdev'][k]:.2f} % |")
-    sweep = [c for c in r["cases"] if len(c["ours"]) > 2]
+    sweep = [c for c in r["cases"] if len(c["ours"]) > 8]
     if sweep:
         lines += ["", "Sweep (GB/s): " + " ; ".join(
-            f"{c['shape']}/{c['tokens']}: " + ", ".join(f"{k} {v:.1f}" for k, v in c["ours"].items()) for c in sweep)]
+            f"{c['shape']}/{c['tokens']}/{c.get('block_ids', 'random')}: " + ", ".join(f"{k} {v:.1f}" for k, v in c["ours"].items()) for c in sweep)]
     return "\n".join(lines) + "\n"
 
 
@@ -647,15 +673,16 @@ def _plot(r, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     cases = r["cases"]
-    labels = [f"{c['shape']}\n{c['tokens']}" for c in cases]
+    labels = [f"{c['shape']}\n{c['tokens']} {c.get('block_ids', 'random')}" for c in cases]
     fig, axes = plt.subplots(1, 2, figsize=(14, 5), sharey=True)
     for ax, d, ceil in ((axes[0], "save", "ceiling_d2h"), (axes[1], "load", "ceiling_h2d")):
         xs = np.arange(len(cases))
-        w = 0.2
-        for i, (key, name) in enumerate(((ceil, "ceiling (1 memcpy)"), (f"ours_{d}", "ours"),
+        w = 0.16
+        for i, (key, name) in enumerate(((ceil, "ceiling (1 memcpy)"), (f"ours_{d}", "ours (auto)"),
+                                         (f"ours_dma_{d}", "ours, dma path (no SMs)"),
                                          (f"torch_{d}", "torch index_select+copy"),
                                          (f"naive_{d}", "memcpy per block"))):
-            ax.bar(xs + (i - 1.5) * w, [c[key] for c in cases], w, label=name)
+            ax.bar(xs + (i - 2) * w, [c.get(key, 0) for c in cases], w, label=name)
         ax.set_xticks(xs, labels, fontsize=7)
         ax.set_title(f"{d} ({'GPU->pinned' if d == 'save' else 'pinned->GPU'})")
         ax.set_ylabel("GB/s")

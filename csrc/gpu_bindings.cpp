@@ -35,7 +35,8 @@ void check_batch_shape(const IdArray& ids, const PtrArray& objs, int64_t bpc) {
 
 #ifdef KVSTORE_WITH_CUDA
 gpu::Options make_options(int path, int ctas, int threads, int64_t piece_bytes, int ring) {
-  KV_CHECK_ARG(path >= 0 && path <= 3, "path must be 0 (auto), 1 (direct), 2 (staged) or 3 (staged, copy engines)");
+  KV_CHECK_ARG(path >= 0 && path <= 4,
+               "path must be 0 (auto), 1 (direct), 2 (staged), 3 (staged, copy engines) or 4 (dma)");
   gpu::Options o;
   o.path = static_cast<gpu::Path>(path);
   o.ctas = ctas;
@@ -58,6 +59,7 @@ void bind_gpu_movers(py::module_& m) {
   m.attr("GPU_PATH_DIRECT") = 1;
   m.attr("GPU_PATH_STAGED") = 2;
   m.attr("GPU_PATH_STAGED_CE") = 3;
+  m.attr("GPU_PATH_DMA") = 4;
 
 #ifdef KVSTORE_WITH_CUDA
   auto one_shot = [](Direction dir) {
@@ -77,7 +79,7 @@ void bind_gpu_movers(py::module_& m) {
       py::arg("ctas") = 0, py::arg("threads") = 0, py::arg("piece_bytes") = 0, py::arg("ring") = 0
   m.def("gpu_gather", one_shot(Direction::kGather), KV_MOVE_ARGS,
         "Engine blocks on the GPU -> objects (pinned host or device memory), enqueued on `stream`. Returns the "
-        "path used (1 direct, 2 staged).");
+        "path used (1 direct, 2 staged, 3 staged_ce, 4 dma).");
   m.def("gpu_scatter", one_shot(Direction::kScatter), KV_MOVE_ARGS,
         "Objects -> engine blocks on the GPU, enqueued on `stream`. Returns the path used.");
 #undef KV_MOVE_ARGS
@@ -114,6 +116,8 @@ void bind_gpu_movers(py::module_& m) {
              return int(p.plan->choose(gather ? Direction::kGather : Direction::kScatter, lb, le));
            }, py::arg("gather"), py::arg("layer_begin"), py::arg("layer_end"))
       .def("nbytes", [](PyPlan& p, int32_t lb, int32_t le) { return p.plan->bytes(lb, le); })
+      .def("dma_segment_bytes", [](PyPlan& p) { return p.plan->dma_segment_bytes(); },
+           "Mean bytes of one DMA-path segment (0: the layout's units are not contiguous).")
       .def_property_readonly("stream", [](PyPlan& p) { return p.plan->stream(); })
       .def_property_readonly("device", [](PyPlan& p) { return p.plan->device(); })
       .def_property_readonly("num_chunks", [](PyPlan& p) { return p.plan->num_chunks(); })

@@ -47,6 +47,7 @@ struct Layout {
 
 // A block id of kSkipBlock leaves that block alone: a load into a chunk whose first blocks the
 // engine already holds (a GPU prefix hit ending mid-chunk) must not rewrite blocks in use.
+// Loads only: the GPU movers refuse it in a save.
 constexpr int64_t kSkipBlock = -1;
 
 // One batch of chunks to move: chunk c covers block_ids[c*blocks_per_chunk ... +blocks_per_chunk)

@@ -16,7 +16,11 @@ accepted wherever a stream is, through its `.cuda_stream`).
 Paths (kvstore._C.GPU_PATH_*): direct = the kernel reads/writes pinned memory zero-copy over
 PCIe; staged = DMA of whole contiguous object slices into a small device ring plus an on-GPU
 kernel with few CTAs; staged_ce = the same ring with the device-side move done by the copy engines
-too (no SMs; layouts whose per-block unit is contiguous, else it runs as staged). PATH_AUTO picks per call by the rule measured in benchmarks/gpu.py.
+too (no SMs; layouts whose per-block unit is contiguous, else it runs as staged); dma = no
+kernel and no ring: batched DMA straight between each engine unit and its place in the object,
+consecutive block ids merged into one segment (same condition as staged_ce). PATH_AUTO picks per
+call by the rule measured in benchmarks/gpu.py: dma when its mean segment is >= 512 KiB, else staged
+(objects in device memory: direct).
 """
 from __future__ import annotations
 
@@ -30,8 +34,8 @@ from ._native import C
 from .errors import GPUUnavailableError, InvalidArgumentError, KVTimeoutError
 from .layout import KVLayout
 
-PATH_AUTO, PATH_DIRECT, PATH_STAGED, PATH_STAGED_CE = 0, 1, 2, 3
-PATH_NAMES = {PATH_DIRECT: "direct", PATH_STAGED: "staged", PATH_STAGED_CE: "staged_ce"}
+PATH_AUTO, PATH_DIRECT, PATH_STAGED, PATH_STAGED_CE, PATH_DMA = 0, 1, 2, 3, 4
+PATH_NAMES = {PATH_DIRECT: "direct", PATH_STAGED: "staged", PATH_STAGED_CE: "staged_ce", PATH_DMA: "dma"}
 
 _local = threading.local()
 _sm_counts: dict[int, int] = {}

@@ -26,7 +26,7 @@ from kvstore.layout import KVLayout  # noqa: E402
 
 DTYPES = {2: torch.bfloat16, 1: torch.uint8}
 VLLM_ORDERS = ["LBHNC", "LBNHC", "LHBNC", "BLHNC", "BLNHC", "BHLNC"]
-PATHS = [gpu_movers.PATH_DIRECT, gpu_movers.PATH_STAGED, gpu_movers.PATH_STAGED_CE]
+PATHS = [gpu_movers.PATH_DIRECT, gpu_movers.PATH_STAGED, gpu_movers.PATH_STAGED_CE, gpu_movers.PATH_DMA]
 
 
 def rand_bytes(gen: torch.Generator, shape, dtype) -> torch.Tensor:
@@ -131,9 +131,11 @@ def pick_ids(rng, num_blocks, n_chunks, bpc):
     return ids
 
 
-def run_case(cache: Cache, rng, gen, path, n_chunks, bpc, layers, where="pinned", direction="both", **kw):
+def run_case(cache: Cache, rng, gen, path, n_chunks, bpc, layers, where="pinned", direction="both", ids=None,
+             **kw):
     lay_g, lay_c = cache.layout_gpu, cache.layout_cpu
-    ids = pick_ids(rng, lay_g.num_blocks, n_chunks, bpc)
+    if ids is None:
+        ids = pick_ids(rng, lay_g.num_blocks, n_chunks, bpc)
     nbytes = lay_g.chunk_nbytes(bpc * lay_g.block_size)
     objs = Objects(n_chunks, nbytes, where)
     lb, le = layers
@@ -166,6 +168,39 @@ def test_layouts_bit_exact(name, elem):
         lb = int(rng.integers(0, L)) if trial % 2 else 0
         le = int(rng.integers(lb + 1, L + 1)) if trial % 2 else L
         run_case(cache, rng, gen, path, n, bpc, (lb, le))
+
+
+@pytest.mark.parametrize("name", ["flash_attn", "vllm-LBNHC", "vllm-BHLNC", "flashinfer", "mla", "sglang"])
+def test_dma_merges_runs_of_block_ids(name):
+    """Block ids in runs, as a fresh engine hands them out: the DMA path merges consecutive units
+    into long segments; bit-exact with skip blocks inside a run, the
+    last block, partial layer ranges; PATH_AUTO picks DMA once segments are long."""
+    L, B, N, H, D = 4, 160, 16, 2, 64
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    cache = cache_factories(L, B, N, H, D, torch.bfloat16)[name](gen)
+    lay = cache.layout_gpu
+    bpc = 16
+    starts = [0, 16, 64, lay.num_blocks - bpc, 100]  # chunks 0 and 1 continue each other; the last block
+    ids = np.concatenate([np.arange(s, s + bpc) for s in starts]).astype(np.int64)
+    for path in (gpu_movers.PATH_DMA, gpu_movers.PATH_AUTO):
+        for layers in ((0, L), (1, 3)):
+            run_case(cache, rng, gen, path, len(starts), bpc, layers, ids=ids)
+    ids[[5, 6, 40]] = -1  # the engine already holds these: loads leave them alone, saves refuse
+    for path in (gpu_movers.PATH_DMA, gpu_movers.PATH_AUTO):
+        run_case(cache, rng, gen, path, len(starts), bpc, (0, L), ids=ids, direction="scatter")
+    objs = Objects(len(starts), lay.chunk_nbytes(bpc * N))
+    plan = C.GpuPlan(lay.native, ids, np.array(objs.ptrs, np.uint64), bpc, 0)
+    unit = lay.block_size * lay.num_heads * lay.head_nbytes
+    if name in ("flash_attn", "mla", "sglang"):
+        # 77 units in 7 runs: chunk 0 [0-4] [7-15], chunk 1 [16-31] (another object: its own
+        # run), chunk 2 [64-71] [73-79], chunks 3 and 4 one run each
+        assert plan.dma_segment_bytes() == 77 * unit // 7
+    elif name == "flashinfer":  # K and V of a block interleave: units are contiguous, never adjacent
+        assert plan.dma_segment_bytes() == unit
+    else:  # vLLM [B,H,N,C]: K and V rows interleave inside a block, no contiguous unit
+        assert plan.dma_segment_bytes() == 0
+    plan.close()
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -310,3 +345,8 @@ def test_scatter_leaves_skip_blocks_alone(path):
     C.scatter(lay_c.native, ids, objs.ref_ptrs, 2, 0, 3)
     C.gpu_scatter(lay_g.native, ids, np.array(objs.ptrs, np.uint64), 2, 0, 3, stream=0, path=path)
     assert cache.equal()
+    before = [objs.got(i) for i in range(3)]
+    with pytest.raises(InvalidArgumentError, match="only valid for loads"):
+        C.gpu_gather(lay_g.native, ids, np.array(objs.ptrs, np.uint64), 2, 0, 3, stream=0, path=path)
+    torch.cuda.synchronize()
+    assert all(np.array_equal(objs.got(i), before[i]) for i in range(3))

@@ -48,6 +48,15 @@ constexpr int kStagedCtas = 4;
 constexpr int64_t kPieceBytes = int64_t(16) << 20;
 constexpr int kRing = 4;
 constexpr int kUnroll = 4;
+// kDMA: segments spread over up to kDmaStreams streams, each stream getting >= kDmaStreamBytes.
+// Measured on H100 (1 GiB, 32 KiB units; results/gpu_H100-80GB-HBM3.md): 1 -> 4 streams lifts
+// 512 KiB segments from 0.92x to 0.97x of the pinned memcpy ceiling; scattered 32 KiB units stay
+// < 0.9x whatever the stream count. PATH_AUTO takes kDMA when the mean segment reaches
+// kDmaAutoSegment: at 512 KiB (Llama-8B, 16-block runs) DMA matches the staged path (0.96-0.975x)
+// with no SMs; at 288 KiB (MLA) and 128 KiB (TP4 shard) it falls to 0.89-0.95x, below staged.
+constexpr int kDmaStreams = 4;
+constexpr int64_t kDmaStreamBytes = int64_t(4) << 20;
+constexpr int64_t kDmaAutoSegment = int64_t(512) << 10;
 
 // n / d for n < 2^31, d >= 1: q = (n * m) >> s with m = ceil(2^s / d), s = 31 + ceil(log2 d).
 struct FastDiv {
@@ -242,6 +251,13 @@ struct Plan::Impl {
   const uint64_t* d_objs = nullptr;
   std::vector<int64_t> ids_host;
   bool unit_contiguous = false;  // one (layer, plane, block) unit is one contiguous engine range
+  int64_t unit_bytes = 0;         // bytes of one such unit (block_size tokens of one plane)
+  int64_t dma_units = 0, dma_runs = 0;  // non-skipped units per (layer, plane), and merged runs of them
+  bool has_skip = false;                // some block id is kSkipBlock: loads only
+  // kDMA streams, created on first use
+  std::vector<cudaStream_t> dma_streams;
+  std::vector<cudaEvent_t> dma_done;
+  cudaEvent_t dma_start = nullptr;
   int width = 1;
   bool objects_on_host = true;
   // staged path, created on first use
@@ -298,6 +314,21 @@ Plan::Plan(const Layout& layout, const int64_t* block_ids, const uint64_t* objec
   m.ids_host.assign(block_ids, block_ids + num_chunks * blocks_per_chunk);
   m.unit_contiguous = (layout.num_heads == 1 || layout.head_stride == layout.head_nbytes) &&
                       (layout.block_size == 1 || layout.token_stride == int64_t(layout.num_heads) * layout.head_nbytes);
+  m.unit_bytes = int64_t(layout.block_size) * layout.token_nbytes();
+  // Runs of block ids that kDMA merges into one segment: consecutive ids whose units are adjacent.
+  const bool adjacent = layout.block_stride == m.unit_bytes;
+  for (int64_t c = 0; c < num_chunks; ++c) {
+    int64_t prev = kSkipBlock;
+    for (int64_t k = 0; k < blocks_per_chunk; ++k) {
+      const int64_t id = block_ids[c * blocks_per_chunk + k];
+      m.has_skip |= id == kSkipBlock;
+      if (id != kSkipBlock) {
+        ++m.dma_units;
+        if (!(adjacent && prev != kSkipBlock && id == prev + 1)) ++m.dma_runs;
+      }
+      prev = id;
+    }
+  }
 
   const size_t n_planes = layout.plane_ptrs.size(), n_ids = size_t(num_chunks * blocks_per_chunk);
   const size_t bytes = 8 * (n_planes + n_ids + size_t(num_chunks));
@@ -330,7 +361,16 @@ Plan::~Plan() {
   if (m.ev_start) cudaEventDestroy(m.ev_start);
   if (m.ev_aux_done) cudaEventDestroy(m.ev_aux_done);
   if (m.aux) cudaStreamDestroy(m.aux);
+  for (cudaEvent_t e : m.dma_done) cudaEventDestroy(e);
+  if (m.dma_start) cudaEventDestroy(m.dma_start);
+  for (cudaStream_t st : m.dma_streams) cudaStreamDestroy(st);
   cudaGetLastError();
+}
+
+int64_t Plan::dma_segment_bytes() const {
+  const Impl& m = *impl_;
+  if (!m.unit_contiguous || m.dma_runs == 0) return 0;
+  return m.dma_units * m.unit_bytes / m.dma_runs;
 }
 
 int64_t Plan::bytes(int32_t lb, int32_t le) const {
@@ -342,6 +382,8 @@ Path Plan::choose(Direction dir, int32_t lb, int32_t le) const {
   (void)le;
   // Objects in device memory: the kernel alone is fastest (nothing crosses PCIe).
   if (!impl_->objects_on_host) return Path::kDirect;
+  // Big contiguous segments: DMA alone reaches the staged path's speed and uses no SMs.
+  if (batch_memcpy_supported() && dma_segment_bytes() >= kDmaAutoSegment) return Path::kDMA;
   // Objects in pinned host memory: staged both ways. Measured on H100 PCIe Gen5 (benchmarks/gpu.py
   // --sweep, results/gpu_H100-80GB-HBM3.md): staged with 8 CTAs reaches 0.95-0.97x of the pinned
   // memcpy ceiling for save and load, 1-3 % above the zero-copy kernel; and the zero-copy kernel
@@ -362,12 +404,20 @@ Path Plan::run(Direction dir, int32_t lb, int32_t le, const Options& opt) {
                "threads must be a multiple of 32 in [32, 1024]");
   KV_CHECK_ARG(opt.piece_bytes >= 0 && opt.ring >= 0 && opt.ring <= 64, "bad staging piece size or ring depth");
   Path path = opt.path == Path::kAuto ? choose(dir, lb, le) : opt.path;
-  KV_CHECK_ARG(path == Path::kDirect || path == Path::kStaged || path == Path::kStagedCE, "unknown path");
-  if (path == Path::kStagedCE && !m.unit_contiguous) path = Path::kStaged;
+  KV_CHECK_ARG(path == Path::kDirect || path == Path::kStaged || path == Path::kStagedCE || path == Path::kDMA,
+               "unknown path");
+  if ((path == Path::kStagedCE || path == Path::kDMA) && !m.unit_contiguous) path = Path::kStaged;
+  const bool gather = dir == Direction::kGather;
+  // A skipped block has no bytes to save: the staged path would fill its place in the object with
+  // whatever the ring held, so a save with skip blocks is refused rather than half-defined.
+  KV_CHECK_ARG(!(gather && m.has_skip), "block id -1 (skip) is only valid for loads, not saves");
   if (num_chunks_ == 0) return path;
   KV_CUDA(cudaSetDevice(device_));
   cudaStream_t s = as_stream(stream_);
-  const bool gather = dir == Direction::kGather;
+  if (path == Path::kDMA) {
+    run_dma(gather, lb, le);
+    return path;
+  }
   const int threads = opt.threads ? opt.threads : kDefaultThreads;
   const int W = m.width;
   const int64_t chunk_tokens = m.bpc * L.block_size;
@@ -521,6 +571,70 @@ Path Plan::run(Direction dir, int32_t lb, int32_t le, const Options& opt) {
   KV_CUDA(cudaEventRecord(m.ev_aux_done, m.aux));
   KV_CUDA(cudaStreamWaitEvent(s, m.ev_aux_done, 0));
   return path;
+}
+
+void Plan::run_dma(bool gather, int32_t lb, int32_t le) {
+  Impl& m = *impl_;
+  const Layout& L = m.layout;
+  const int64_t plane_bytes = m.bpc * m.unit_bytes;  // one plane of one layer in the object
+  std::vector<uint64_t> eng, obj;
+  std::vector<int64_t> sizes;
+  int64_t total = 0;
+  for (int64_t c = 0; c < num_chunks_; ++c)
+    for (int32_t li = lb; li < le; ++li)
+      for (int32_t pl = 0; pl < L.num_planes; ++pl) {
+        const uint64_t plane = L.plane_ptr(li, pl);
+        const uint64_t base = m.obj_host[c] + uint64_t((int64_t(li) * L.num_planes + pl) * plane_bytes);
+        for (int64_t k = 0; k < m.bpc; ++k) {
+          const int64_t block = m.ids_host[size_t(c * m.bpc + k)];
+          if (block == kSkipBlock) continue;
+          const uint64_t e = plane + uint64_t(block * L.block_stride), o = base + uint64_t(k * m.unit_bytes);
+          if (!sizes.empty() && eng.back() + sizes.back() == e && obj.back() + sizes.back() == o) {
+            sizes.back() += m.unit_bytes;
+          } else {
+            eng.push_back(e);
+            obj.push_back(o);
+            sizes.push_back(m.unit_bytes);
+          }
+          total += m.unit_bytes;
+        }
+      }
+  if (sizes.empty()) return;
+  cudaStream_t s = as_stream(stream_);
+  const int n_streams = int(std::max<int64_t>(1, std::min<int64_t>(kDmaStreams, total / kDmaStreamBytes)));
+  if (!m.dma_start) KV_CUDA(cudaEventCreateWithFlags(&m.dma_start, cudaEventDisableTiming));
+  while (int(m.dma_streams.size()) < n_streams) {
+    cudaStream_t st;
+    cudaEvent_t ev;
+    KV_CUDA(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    m.dma_streams.push_back(st);
+    KV_CUDA(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+    m.dma_done.push_back(ev);
+  }
+  // Contiguous ranges of segments with about equal bytes per stream, each ordered after the
+  // caller's stream and joined back into it.
+  KV_CUDA(cudaEventRecord(m.dma_start, s));
+  size_t begin = 0;
+  int64_t done = 0;
+  std::vector<uint64_t> d, r;
+  std::vector<int64_t> z;
+  for (int i = 0; i < n_streams && begin < sizes.size(); ++i) {
+    const int64_t target = total * (i + 1) / n_streams;
+    size_t end = begin;
+    while (end < sizes.size() && (done < target || end == begin)) done += sizes[end++];
+    if (i == n_streams - 1) {
+      while (end < sizes.size()) done += sizes[end++];
+    }
+    d.assign((gather ? obj : eng).begin() + begin, (gather ? obj : eng).begin() + end);
+    r.assign((gather ? eng : obj).begin() + begin, (gather ? eng : obj).begin() + end);
+    z.assign(sizes.begin() + begin, sizes.begin() + end);
+    cudaStream_t st = m.dma_streams[size_t(i)];
+    KV_CUDA(cudaStreamWaitEvent(st, m.dma_start, 0));
+    memcpy_segments(d, r, z, reinterpret_cast<uintptr_t>(st), true);
+    KV_CUDA(cudaEventRecord(m.dma_done[size_t(i)], st));
+    KV_CUDA(cudaStreamWaitEvent(s, m.dma_done[size_t(i)], 0));
+    begin = end;
+  }
 }
 
 Path move(const Layout& layout, const ChunkBatch& batch, Direction dir, uintptr_t stream, const Options& opt) {

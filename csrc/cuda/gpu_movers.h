@@ -25,7 +25,13 @@ namespace gpu {
 // (cudaMemcpyBatchAsync of whole engine block units, device<->staging) instead of the kernel, so
 // no SMs are used at all; only where one (layer, plane, block) unit is contiguous in the engine
 // cache (FlashAttention [2,B,N,H,D], MLA [B,N,D], vLLM [B,N,H,C]); elsewhere it runs as kStaged.
-enum class Path : int { kAuto = 0, kDirect = 1, kStaged = 2, kStagedCE = 3 };
+//
+// kDMA: no kernel at all: batched DMA (cudaMemcpyBatchAsync) straight between each contiguous
+// engine unit and its place in the object, consecutive block ids merged into one segment, spread
+// over a few streams. Same unit-contiguity condition as kStagedCE (elsewhere it runs as kStaged).
+// Uses no SMs; fast when segments are big (block ids in runs), ~0.9x the ceiling on scattered
+// 32 KiB units and poor on smaller ones (measured: results/gpu_H100-80GB-HBM3.md).
+enum class Path : int { kAuto = 0, kDirect = 1, kStaged = 2, kStagedCE = 3, kDMA = 4 };
 
 struct Options {
   Path path = Path::kAuto;
@@ -59,6 +65,9 @@ class Plan {
   Path run(Direction dir, int32_t layer_begin, int32_t layer_end, const Options& opt);
   // The path kAuto resolves to for this direction and layer range.
   Path choose(Direction dir, int32_t layer_begin, int32_t layer_end) const;
+  // Mean bytes of one kDMA segment (engine units merged across consecutive block ids); 0 when
+  // the layout's units are not contiguous (no kDMA).
+  int64_t dma_segment_bytes() const;
 
   uintptr_t stream() const { return stream_; }
   int device() const { return device_; }
@@ -66,6 +75,8 @@ class Plan {
   int64_t bytes(int32_t layer_begin, int32_t layer_end) const;
 
  private:
+  void run_dma(bool gather, int32_t layer_begin, int32_t layer_end);
+
   struct Impl;
   std::unique_ptr<Impl> impl_;
   uintptr_t stream_ = 0;
