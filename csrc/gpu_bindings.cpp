@@ -159,7 +159,11 @@ void bind_gpu_movers(py::module_& m) {
   m.def("cuda_event_record", [](uintptr_t e, uintptr_t s) { require_gpu(); gpu::event_record(e, s); },
         py::arg("event"), py::arg("stream"));
   m.def("cuda_stream_wait_event", [](uintptr_t s, uintptr_t e) { require_gpu(); gpu::stream_wait_event(s, e); },
-        py::arg("stream"), py::arg("event"), "The stream waits on the event's last record; no host synchronisation.");
+        py::arg("stream"), py::arg("event"),
+        "The stream waits on the event's last record; no host synchronisation. Inside CUDA-graph capture it "
+        "becomes an external-event wait node: every replay waits on the event's last record at that time.");
+  m.def("cuda_stream_is_capturing", [](uintptr_t s) { require_gpu(); return gpu::stream_is_capturing(s); },
+        py::arg("stream"));
   m.def("cuda_event_synchronize", [](uintptr_t e) {
     require_gpu();
     py::gil_scoped_release nogil;
@@ -189,6 +193,7 @@ void bind_gpu_movers(py::module_& m) {
   for (const char* name : {"gpu_gather", "gpu_scatter", "GpuPlan", "cuda_memcpy_async", "cuda_memcpy_segments",
                            "cuda_stream_create", "cuda_stream_destroy", "cuda_stream_synchronize",
                            "cuda_event_create", "cuda_event_destroy", "cuda_event_record", "cuda_stream_wait_event",
+                           "cuda_stream_is_capturing",
                            "cuda_event_synchronize", "cuda_event_query", "cuda_event_elapsed_ms",
                            "cuda_device_info"})
     m.def(name, unavailable);

@@ -273,12 +273,12 @@ class AgentStore:
         return loaded
 
     # ---- layer-wise sessions (the vLLM connector) ---------------------------------------------
-    def begin_load(self, keys: Sequence[bytes], layout: KVLayout, block_ids):
+    def begin_load(self, keys: Sequence[bytes], layout: KVLayout, block_ids, layer_events=None):
         """Store.begin_load over the agent: one BEGIN_READ for the batch, then LoadSession."""
         from .sessions import LoadSession
         keys, ids, bpc = self._validate(keys, layout, block_ids, allow_skip=True)
         view = _LeasedView(self, keys, layout.chunk_nbytes(self.config.chunk_tokens), layout.fingerprint)
-        return LoadSession(view, keys, layout, ids, bpc)
+        return LoadSession(view, keys, layout, ids, bpc, layer_events)
 
     def begin_save(self, keys: Sequence[bytes], layout: KVLayout, block_ids):
         """Store.begin_save over the agent: SaveSession with slots reserved in the agent."""

@@ -145,13 +145,15 @@ class _Layerwise:
         return 0  # the path's own default
     def __init__(self, layout: KVLayout, block_ids, object_ptrs, blocks_per_chunk: int, *, stream: Any = None,
                  layers: tuple[int, int] | None = None, path: int = PATH_AUTO, ctas: int = 0, piece_bytes: int = 0,
-                 keepalive: Any = None, priority: int | None = None):
+                 keepalive: Any = None, priority: int | None = None, events: Sequence[int] | None = None):
         self.device = check_gpu(layout)
         self.layout = layout
         self.layers = layers or (0, layout.num_layers)
         lb, le = self.layers
         if not 0 <= lb < le <= layout.num_layers:
             raise InvalidArgumentError(f"layer range [{lb}, {le}) outside [0, {layout.num_layers})")
+        if events is not None and len(events) != le - lb:
+            raise InvalidArgumentError(f"{len(events)} events for {le - lb} layers")
         ids, objs = _batch(block_ids, object_ptrs, blocks_per_chunk)
         self._own_stream = stream is None
         # priority (own stream only): CUDA's scale, 0 = lowest (the default), negative = higher
@@ -165,11 +167,15 @@ class _Layerwise:
         self.piece_bytes = piece_bytes or int(min(64 << 20, max(1 << 20, layout.layer_nbytes(
             blocks_per_chunk * layout.block_size) * (objs.size or 1))))
         self._keepalive = keepalive  # object memory must outlive the transfer
+        # events: the caller's, one per layer of the range, reused across handles and never
+        # destroyed here (a captured CUDA graph may wait on them: see cuda_stream_wait_event).
+        self._own_events = events is None
         self._events: list[int] = []
         self._plan = None
         try:
             self._plan = C.GpuPlan(layout.native, ids, objs, blocks_per_chunk, self.stream)
-            self._events = [C.cuda_event_create(self.device, False) for _ in range(le - lb)]
+            self._events = ([C.cuda_event_create(self.device, False) for _ in range(le - lb)] if events is None
+                            else [int(e) for e in events])
         except BaseException:
             self.close()
             raise
@@ -185,13 +191,24 @@ class _Layerwise:
     def nbytes(self) -> int:
         return self._plan.nbytes(*self.layers)
 
+    @property
+    def path_name(self) -> str:
+        """The path the transfers take ("dma", "staged", ...): PATH_AUTO resolved by the plan's
+        rule; staged_ce / dma fall back to staged on layouts without contiguous units."""
+        if self.path == PATH_AUTO:
+            return PATH_NAMES[self._plan.choose(isinstance(self, LayerwiseSave), *self.layers)]
+        if self.path in (PATH_STAGED_CE, PATH_DMA) and self._plan.dma_segment_bytes() == 0:
+            return PATH_NAMES[PATH_STAGED]
+        return PATH_NAMES[self.path]
+
     def done(self) -> bool:
         return all(C.cuda_event_query(self._events[l - self.layers[0]]) for l in self._issued)
 
     def close(self) -> None:
         """Frees the events and the plan (stream-ordered: safe while work is in flight)."""
-        for e in self._events:
-            C.cuda_event_destroy(e)
+        if getattr(self, "_own_events", True):
+            for e in self._events:
+                C.cuda_event_destroy(e)
         self._events = []
         if self._plan is not None:
             self._plan.close()

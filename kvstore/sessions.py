@@ -34,7 +34,8 @@ def _chunk_ids(ids: np.ndarray, chunks: list[int], bpc: int) -> np.ndarray:
 
 
 class LoadSession:
-    def __init__(self, store: "Store", keys: list[bytes], layout: KVLayout, ids: np.ndarray, bpc: int):
+    def __init__(self, store: "Store", keys: list[bytes], layout: KVLayout, ids: np.ndarray, bpc: int,
+                 layer_events=None):
         self._store = store
         self.layout = layout
         self.requested = len(keys)
@@ -67,7 +68,9 @@ class LoadSession:
         try:
             if layout.is_cuda:
                 from .gpu_movers import LayerwiseLoad
-                self._gpu = LayerwiseLoad(layout, chunk_ids, ptrs, bpc, keepalive=self._slots).start(after_stream=0)
+                self._gpu = LayerwiseLoad(layout, chunk_ids, ptrs, bpc, keepalive=self._slots,
+                                          events=layer_events).start(after_stream=0)
+                store.stats_counters.add(f"gpu_loads.{self._gpu.path_name}")
             else:
                 movers.scatter(layout, chunk_ids, ptrs, bpc)
                 self._release()
@@ -120,6 +123,7 @@ class SaveSession:
                 from .gpu_movers import LayerwiseSave
                 self._gpu = LayerwiseSave(layout, self._ids, [s.ptr for s in self._slots], bpc,
                                           keepalive=self._slots)
+                store.stats_counters.add(f"gpu_saves.{self._gpu.path_name}")
             except BaseException:
                 self._abort()
                 raise
@@ -138,16 +142,17 @@ class SaveSession:
         self._gpu.save_layer(layer, stream)
         self._saved_layers.add(layer)
 
-    def finish(self, timeout_s: float = 60.0) -> int:
-        """Completes the save (layers not saved yet are gathered after the legacy default stream),
-        commits the slots and queues write-back; returns the number of chunks stored."""
+    def finish(self, timeout_s: float = 60.0, stream: Any = 0) -> int:
+        """Completes the save (layers not saved yet are gathered after the work already issued to
+        `stream`, by default the legacy default stream), commits the slots and queues write-back;
+        returns the number of chunks stored."""
         if not self._slots:
             return 0
         try:
             if self._gpu is not None:
                 for layer in range(self.layout.num_layers):
                     if layer not in self._saved_layers:
-                        self._gpu.save_layer(layer, 0)
+                        self._gpu.save_layer(layer, stream)
                 self._gpu.wait(timeout_s)
             else:
                 movers.gather(self.layout, self._ids, [s.ptr for s in self._slots], self._bpc)

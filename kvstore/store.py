@@ -166,11 +166,14 @@ class Store:
         self.record_load(hits, len(keys), loaded, nbytes)
         return loaded
 
-    def begin_load(self, keys: Sequence[bytes], layout: KVLayout, block_ids) -> "LoadSession":
-        """A layer-wise load of every present chunk (not only the leading run); see sessions.py."""
+    def begin_load(self, keys: Sequence[bytes], layout: KVLayout, block_ids,
+                   layer_events: Sequence[int] | None = None) -> "LoadSession":
+        """A layer-wise load of every present chunk (not only the leading run); see sessions.py.
+        layer_events: the caller's CUDA events, one per layer, recorded when that layer has
+        arrived (kept across sessions, e.g. waited on inside captured CUDA graphs)."""
         from .sessions import LoadSession
         keys, ids, bpc = self._validate(keys, layout, block_ids, allow_skip=True)
-        return LoadSession(self, keys, layout, ids, bpc)
+        return LoadSession(self, keys, layout, ids, bpc, layer_events)
 
     def begin_save(self, keys: Sequence[bytes], layout: KVLayout, block_ids) -> "SaveSession":
         """A layer-wise save of the chunks not yet stored; see sessions.py."""

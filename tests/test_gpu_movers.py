@@ -262,6 +262,7 @@ def test_layerwise_load_orders_compute():
         compute = torch.cuda.Stream()
         snaps = []
         h = gpu_movers.LayerwiseLoad(lay, ids, objs.ptrs, bpc, path=path, keepalive=objs)
+        assert h.path_name == gpu_movers.PATH_NAMES[path]  # FlashAttention units are contiguous: no fallback
         h.start(after_stream=torch.cuda.current_stream(), background=(path == gpu_movers.PATH_STAGED),
                 lookahead=(2 if path == gpu_movers.PATH_STAGED_CE else None))
         with torch.cuda.stream(compute):
@@ -273,6 +274,52 @@ def test_layerwise_load_orders_compute():
         h.close()
         for layer in range(L):
             assert torch.equal(snaps[layer].cpu().view(torch.uint8), cache.cpu[layer].view(torch.uint8)), layer
+
+
+def test_layer_waits_inside_a_captured_cuda_graph():
+    """Per-layer events owned by the caller and reused by every load: a CUDA graph captured once
+    (the waits become external-event nodes) waits, at each replay, for the load enqueued before
+    that replay. The load is held back behind a GPU sleep and the graph replays on another stream,
+    so without the waits the graph would copy poisoned blocks."""
+    gen = torch.Generator().manual_seed(13)
+    rng = np.random.default_rng(13)
+    L = 6
+    cache = cache_factories(L, 64, 16, 4, 128, torch.bfloat16)["flash_attn"](gen)
+    lay = cache.layout_gpu
+    bpc, n = 4, 5
+    ids = pick_ids(rng, lay.num_blocks, n, bpc)
+    objs = Objects(n, lay.chunk_nbytes(bpc * 16))
+    events = [C.cuda_event_create(0, False) for _ in range(L)]
+    snaps = [torch.empty_like(t) for t in cache.gpu]
+    graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with torch.cuda.graph(graph, stream=side):
+        capture = torch.cuda.current_stream().cuda_stream
+        assert C.cuda_stream_is_capturing(capture)
+        for layer in range(L):
+            C.cuda_stream_wait_event(capture, events[layer])
+            snaps[layer].copy_(cache.gpu[layer])
+    try:
+        for trial, path in enumerate([gpu_movers.PATH_AUTO, gpu_movers.PATH_DMA, gpu_movers.PATH_STAGED]):
+            objs.fill(rng)
+            cache.poison(gen)
+            C.scatter(cache.layout_cpu.native, ids, objs.ref_ptrs, bpc, 0, L)
+            torch.cuda._sleep(50_000_000)  # ~25 ms: the load starts only after this
+            h = gpu_movers.LayerwiseLoad(lay, ids, objs.ptrs, bpc, path=path, keepalive=objs, events=events)
+            h.start(after_stream=torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                graph.replay()
+            side.synchronize()
+            h.wait(timeout_s=30)
+            h.close()  # the caller's events outlive the handle
+            for layer in range(L):
+                assert torch.equal(snaps[layer].cpu().view(torch.uint8), cache.cpu[layer].view(torch.uint8)), \
+                    (trial, layer)
+        with torch.cuda.stream(side):  # a replay with no load in flight does not wait for anything
+            graph.replay()
+        side.synchronize()
+    finally:
+        for e in events:
+            C.cuda_event_destroy(e)
 
 
 def test_layerwise_save_after_compute():

@@ -102,6 +102,8 @@ def _child(args) -> dict:
             after = _store_counters()
             result["multiturn"]["store_counters"] = {k: after[k] - before.get(k, 0) for k in after}
     result["vllm_prefix_cache_metrics"] = scenarios.prefix_cache_metrics(llm)
+    if args.child.startswith("kvstore"):
+        result["store_counters"] = _store_counters()  # whole run, e.g. which GPU path loads took
     return result
 
 

@@ -56,8 +56,18 @@ class KVStoreConnector(KVConnectorBase_V1):
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
-        # wait_for_layer_load / save_kv_layer do real work when layer-wise transfer is on.
-        return ConnectorSettings.from_extra_config(extra_config).layerwise
+        # Layer-wise loads stay correct inside FULL graphs: the worker puts its per-layer waits into
+        # the graphs while vLLM captures them (external-event nodes on events reused every step),
+        # and saves of layers a graph ran without calling save_kv_layer are gathered after it.
+        settings = ConnectorSettings.from_extra_config(extra_config)
+        return settings.layerwise and settings.cuda_graphs == "piecewise"
+
+    def has_connector_metadata(self) -> bool:
+        # vLLM's attention wrapper calls the layer hooks only while this is true. The worker wants
+        # them during CUDA-graph capture too, when no metadata is bound: that is where its layer
+        # waits enter FULL graphs (with no load in flight they are no-ops).
+        worker = getattr(self, "_worker", None)
+        return super().has_connector_metadata() or (worker is not None and worker.captures_waits)
 
     # ---- scheduler side ----------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -86,7 +96,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         self._worker.save_kv_layer(layer_name, _current_stream())
 
     def wait_for_save(self) -> None:
-        self._worker.wait_for_save()
+        self._worker.wait_for_save(_current_stream())
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors()

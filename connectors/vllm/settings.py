@@ -17,12 +17,15 @@ class ConnectorSettings:
     layerwise: bool     # GPU caches: load/save per layer inside the forward
     save_decode: bool   # also store chunks of generated tokens (off: prompt only)
     tenant: str
+    cuda_graphs: str = "full"  # "full": vLLM keeps FULL CUDA graphs; "piecewise": ask vLLM for PIECEWISE
 
     _DOCS = {
         "chunk_tokens": "tokens per stored chunk, a multiple of the block size (default 256)",
         "layerwise": "pipeline GPU loads/saves layer by layer (default true)",
         "save_decode": "store chunks completed during decode too (default false)",
         "tenant": "salt in the key namespace: tenants never share chunks (default '')",
+        "cuda_graphs": "'full' (default): layer-wise loads are waited on inside vLLM's FULL CUDA graphs too; "
+                       "'piecewise': ask vLLM to fall back to PIECEWISE graphs, as before",
         "store": "kvstore Config keys (see `kvstore config --show`), e.g. dram_capacity_bytes, ssd_path",
     }
 
@@ -47,7 +50,10 @@ class ConnectorSettings:
         tenant = extra.get("tenant", "")
         if not isinstance(tenant, str):
             raise ConfigError(f"kv_connector_extra_config.tenant must be a string, got {tenant!r}")
-        return cls(store=store, chunk_tokens=store.chunk_tokens, tenant=tenant, **flags)
+        cuda_graphs = extra.get("cuda_graphs", "full")
+        if cuda_graphs not in ("full", "piecewise"):
+            raise ConfigError(f"kv_connector_extra_config.cuda_graphs must be 'full' or 'piecewise', got {cuda_graphs!r}")
+        return cls(store=store, chunk_tokens=store.chunk_tokens, tenant=tenant, cuda_graphs=cuda_graphs, **flags)
 
 
 def shard_namespace(vllm_config, settings: ConnectorSettings, tp_rank: int, lora: str = "") -> bytes:

@@ -7,6 +7,12 @@ it; wait_for_save finishes the saves (the host waits at most for the last layer'
 DRAM->SSD write-back happens later, off the step) and closes the loads. Host (CPU) caches move
 whole chunks at once. Chunks that fail to load are reported by get_block_ids_with_load_errors so
 vLLM recomputes them.
+
+CUDA graphs: vLLM keeps its FULL graphs (cuda_graphs="full"). While it captures them the layer
+hooks put a wait on a per-layer event into the graph; every load records those same events, so a
+replay waits for the step's loads (start_load_kv enqueues them all before the forward is
+launched). Layers a graph ran without calling save_kv_layer are gathered in wait_for_save, after
+the forward on the current stream.
 """
 from __future__ import annotations
 
@@ -15,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kvstore import KVLayout, KVStoreError
+from kvstore import KVLayout, KVStoreError, gpu_movers
+from kvstore._native import C
 from kvstore.sessions import LoadSession, SaveSession
 from kvstore.store import Store
 
@@ -58,6 +65,12 @@ class ConnectorWorker:
         self._load_chunks = 0
         self._save: SaveSession | None = None
         self._load_errors: set[int] = set()
+        # One CUDA event per layer, recorded by every step's layer-wise load when that layer has
+        # arrived. FULL CUDA graphs captured by vLLM wait on them (external-event nodes made in
+        # wait_for_layer_load during capture), so a replay waits for the step's loads, if any.
+        self._layer_events: list[int] = []
+        self.captured_waits = 0
+        self.captures_waits = settings.layerwise and settings.cuda_graphs == "full"
 
     # ---- set-up ------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, "torch.Tensor"]) -> None:
@@ -70,6 +83,11 @@ class ConnectorWorker:
         self._kernel_blocks_per_block = self._block_size // self.layout.block_size
         if self.layout.is_cuda:  # pin the DRAM tier now, not during the first saves
             self._store.preallocate(self.layout)
+            if self.captures_waits:
+                device = gpu_movers.device_index(self.layout)
+                self._layer_events = [C.cuda_event_create(device, False) for _ in range(self.layout.num_layers)]
+        else:
+            self.captures_waits = False
 
     def _kernel_ids(self, block_ids: list[int]) -> np.ndarray:
         ids = np.asarray(block_ids, dtype=np.int64)
@@ -95,7 +113,8 @@ class ConnectorWorker:
             keys, ids = self._batch(meta.loads)
             self._load_ids, self._load_chunks = ids, len(keys)
             try:
-                self._load = self._store.begin_load(keys, self.layout, self._kernel_ids(ids))
+                self._load = self._store.begin_load(keys, self.layout, self._kernel_ids(ids),
+                                                    layer_events=self._layer_events or None)
                 missing = self._load.missing
             except KVStoreError:
                 log.exception("kvstore: load of %d chunks failed; vLLM will recompute them", len(keys))
@@ -114,16 +133,21 @@ class ConnectorWorker:
     def wait_for_layer_load(self, layer_name: str, stream: Any) -> None:
         if self._load is not None:
             self._load.wait_layer(self._layer_index[layer_name], stream)
+        elif self._layer_events and C.cuda_stream_is_capturing(stream):
+            # vLLM is capturing a CUDA graph: its replays wait on this layer's event as last
+            # recorded before the replay (this step's load, or an earlier, finished one).
+            C.cuda_stream_wait_event(stream, self._layer_events[self._layer_index[layer_name]])
+            self.captured_waits += 1
 
     def save_kv_layer(self, layer_name: str, stream: Any) -> None:
         if self._save is not None and self._settings.layerwise:
             self._save.save_layer(self._layer_index[layer_name], stream)
 
-    def wait_for_save(self) -> None:
+    def wait_for_save(self, stream: Any = 0) -> None:
         if self._save is not None:
             save, self._save = self._save, None
             try:
-                save.finish()
+                save.finish(stream=stream)  # layers a CUDA graph ran without save_kv_layer: after `stream`
             except KVStoreError:
                 log.exception("kvstore: save failed; the chunks are not stored")
         self._finish_loads()
@@ -150,3 +174,6 @@ class ConnectorWorker:
             self._save.abort()
             self._save = None
         self._finish_loads()
+        for e in self._layer_events:
+            C.cuda_event_destroy(e)
+        self._layer_events = []

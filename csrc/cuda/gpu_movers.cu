@@ -726,9 +726,18 @@ void event_record(uintptr_t e, uintptr_t s) {
   KV_CHECK_ARG(e != 0, "null event");
   KV_CUDA(cudaEventRecord(as_event(e), as_stream(s)));
 }
+bool stream_is_capturing(uintptr_t s) {
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  KV_CUDA(cudaStreamIsCapturing(as_stream(s), &st));
+  return st == cudaStreamCaptureStatusActive;
+}
 void stream_wait_event(uintptr_t s, uintptr_t e) {
   KV_CHECK_ARG(e != 0, "null event");
-  KV_CUDA(cudaStreamWaitEvent(as_stream(s), as_event(e), 0));
+  // Inside CUDA-graph capture an event recorded outside the graph can only be waited on as an
+  // external-event node: each replay then waits on the event's last record at replay time, which
+  // is what a per-layer "loaded" event reused across engine steps needs.
+  const unsigned flags = stream_is_capturing(s) ? cudaEventWaitExternal : 0;
+  KV_CUDA(cudaStreamWaitEvent(as_stream(s), as_event(e), flags));
 }
 void event_synchronize(uintptr_t e) {
   KV_CHECK_ARG(e != 0, "null event");

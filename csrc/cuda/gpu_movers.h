@@ -101,7 +101,10 @@ void stream_synchronize(uintptr_t s);
 uintptr_t event_create(int device);
 void event_destroy(uintptr_t e);
 void event_record(uintptr_t e, uintptr_t s);
+// Inside CUDA-graph capture the wait is an external-event node (each replay waits on the event's
+// last record at replay time); outside, an ordinary stream wait.
 void stream_wait_event(uintptr_t s, uintptr_t e);
+bool stream_is_capturing(uintptr_t s);
 void event_synchronize(uintptr_t e);
 bool event_query(uintptr_t e);
 float event_elapsed_ms(uintptr_t start, uintptr_t stop);  // events made with timing (event_create_timed)

@@ -271,8 +271,12 @@ def test_plugin_registers_by_name_once(vllm_utils, tmp_path):
     config = make_config(vllm_utils, tmp_path)
     config.kv_transfer_config.kv_connector_module_path = None
     assert KVConnectorFactory.get_connector_class(config.kv_transfer_config) is KVStoreConnector
-    assert KVStoreConnector.requires_piecewise_for_cudagraph({}) is True
-    assert KVStoreConnector.requires_piecewise_for_cudagraph({"layerwise": False}) is False
+    # layer waits go into vLLM's FULL CUDA graphs; PIECEWISE only when asked for
+    assert KVStoreConnector.requires_piecewise_for_cudagraph({}) is False
+    assert KVStoreConnector.requires_piecewise_for_cudagraph({"cuda_graphs": "piecewise"}) is True
+    assert KVStoreConnector.requires_piecewise_for_cudagraph({"layerwise": False, "cuda_graphs": "piecewise"}) is False
+    with pytest.raises(ConfigError, match="cuda_graphs"):
+        KVStoreConnector.requires_piecewise_for_cudagraph({"cuda_graphs": "full-ish"})
 
 
 def test_a_step_never_promises_more_chunks_than_half_the_dram_tier(vllm_utils, tmp_path):
