@@ -540,6 +540,7 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, ceiling_g
     sms = C.cuda_device_info(dev)["sm_count"]
     dma = loader(path=DMA)
     staged = loader(path=S)                              # the staged path with LayerwiseLoad's other defaults
+    ctas16 = loader(path=S, ctas=16)                     # staged, scatter on at most 16 SMs, high priority
     default = loader()                                   # LayerwiseLoad's defaults (all SMs, high priority)
     old = loader(path=S, ctas=8, priority=0)             # the first runs' defaults
     variants = {
@@ -553,6 +554,9 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, ceiling_g
         "ahead_old": ("ahead", old, comp_lo, ""),
         "ahead_allsm_prio0": ("ahead", loader(path=S, ctas=sms, priority=0), comp_lo, ""),
         "inline_staged": ("inline", staged, comp_lo, ""),
+        "inline_ctas16": ("inline", ctas16, comp_lo, ""),
+        "ahead_ctas16": ("ahead", ctas16, comp_lo, ""),
+        "pre0_ctas16": ("layer0_prefetched", ctas16, comp_lo, ""),
         "inline_dma": ("inline", dma, comp_lo, ""),
         "ahead_dma": ("ahead", dma, comp_lo, ""),
         "pre0_dma": ("layer0_prefetched", dma, comp_lo, ""),

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import trace
 from ._native import C
 from .errors import GPUUnavailableError, InvalidArgumentError, KVTimeoutError
 from .layout import KVLayout
@@ -281,6 +282,8 @@ class LayerwiseLoad(_Layerwise):
                 layer = self._next
                 self._plan.scatter(layer, layer + 1, path=self.path, ctas=self.ctas, piece_bytes=self.piece_bytes)
                 C.cuda_event_record(self._event(layer), self.stream)
+                if layer == self.layers[0]:
+                    trace.mark("load.first_layer_enqueued")
                 self._issued.add(layer)
                 self._next = layer + 1
                 self._enqueued[layer].set()

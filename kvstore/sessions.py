@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import movers
+from . import movers, trace
 from .errors import InvalidArgumentError, PoolFullError
 from .layout import KVLayout
 from .pinned_pool import Slot
@@ -31,6 +31,18 @@ def _chunk_ids(ids: np.ndarray, chunks: list[int], bpc: int) -> np.ndarray:
     if not chunks:
         return np.zeros(0, dtype=np.int64)
     return np.concatenate([ids[c * bpc:(c + 1) * bpc] for c in chunks])
+
+
+def _count_gpu_transfer(store, kind: str, path: str, ids: np.ndarray, bpc: int) -> None:
+    """Counters of the GPU path a session took and of how its block ids run (consecutive ids can
+    merge into long DMA segments): blocks / runs = the mean run length."""
+    store.stats_counters.add(f"gpu_{kind}.{path}")
+    real = ids.reshape(-1, bpc)
+    starts = np.ones(real.shape, dtype=bool)
+    starts[:, 1:] = real[:, 1:] != real[:, :-1] + 1
+    valid = real >= 0
+    store.stats_counters.add(f"gpu_{kind}_blocks", int(valid.sum()))
+    store.stats_counters.add(f"gpu_{kind}_block_runs", int((starts & valid).sum()))
 
 
 class LoadSession:
@@ -58,6 +70,7 @@ class LoadSession:
             self._slot_chunks.append(c)
             loaded.append(c)
             hits[tier] += 1
+        trace.mark("load.slots_acquired")
         store.record_load({t: n for t, n in hits.items() if n}, self.requested, len(loaded), nbytes)
         self.hits_by_tier = {t: n for t, n in hits.items() if n}
         self._gpu = None
@@ -68,9 +81,11 @@ class LoadSession:
         try:
             if layout.is_cuda:
                 from .gpu_movers import LayerwiseLoad
-                self._gpu = LayerwiseLoad(layout, chunk_ids, ptrs, bpc, keepalive=self._slots,
-                                          events=layer_events).start(after_stream=0)
-                store.stats_counters.add(f"gpu_loads.{self._gpu.path_name}")
+                self._gpu = LayerwiseLoad(layout, chunk_ids, ptrs, bpc, keepalive=self._slots, events=layer_events)
+                trace.mark("load.plan_ready")
+                self._gpu.start(after_stream=0)
+                trace.mark("load.all_layers_enqueued")
+                _count_gpu_transfer(store, "loads", self._gpu.path_name, chunk_ids, bpc)
             else:
                 movers.scatter(layout, chunk_ids, ptrs, bpc)
                 self._release()
@@ -123,7 +138,7 @@ class SaveSession:
                 from .gpu_movers import LayerwiseSave
                 self._gpu = LayerwiseSave(layout, self._ids, [s.ptr for s in self._slots], bpc,
                                           keepalive=self._slots)
-                store.stats_counters.add(f"gpu_saves.{self._gpu.path_name}")
+                _count_gpu_transfer(store, "saves", self._gpu.path_name, self._ids, bpc)
             except BaseException:
                 self._abort()
                 raise

@@ -7,6 +7,8 @@ import random
 import statistics
 import time
 
+from kvstore import trace
+
 
 def realistic_weights(model) -> None:
     """vLLM's dummy weights are uniform in +-1e-3: every prompt's logits come out nearly flat and
@@ -58,11 +60,16 @@ def single_prompt(llm, lengths: list[int], prompts: int, before_reload=None) -> 
 
     sp = SamplingParams(max_tokens=1, temperature=0.0, logprobs=5)
 
-    def ttft(ids):
+    def ttft(ids, timeline=None):
         torch.cuda.synchronize()
+        if timeline is not None:
+            trace.start()
         t = time.perf_counter()
         out = llm.generate([TokensPrompt(prompt_token_ids=ids)], sp, use_tqdm=False)[0]
         dt = (time.perf_counter() - t) * 1e3
+        if timeline is not None:  # host marks of the connector, ms after generate() was called
+            timeline.extend((name, round((ns * 1e-9 - t) * 1e3, 3)) for name, ns in trace.stop())
+            timeline.append(("generate.done", round(dt, 3)))
         o = out.outputs[0]
         top = sorted(((int(tok), float(lp.logprob)) for tok, lp in o.logprobs[0].items()), key=lambda x: -x[1])
         return dt, [int(o.token_ids[0])] + [v for pair in top for v in pair]
@@ -73,15 +80,17 @@ def single_prompt(llm, lengths: list[int], prompts: int, before_reload=None) -> 
         n = length + 1  # k chunks + 1: a reload and a GPU hit both compute only the last token
         ttft(_tokens(rng, n))  # warm-up for this shape
         rows = []
-        for _ in range(prompts):
+        for i in range(prompts):
             ids = _tokens(rng, n)
             first, _ = ttft(ids)
-            hit, hit_out = ttft(ids)
+            timelines = {"gpu_hit": [], "reload": []} if i == prompts - 1 else {}
+            hit, hit_out = ttft(ids, timelines.get("gpu_hit"))
             llm.reset_prefix_cache()
             if before_reload:
                 before_reload()
-            reload, reload_out = ttft(ids)
-            rows.append({"first_ms": first, "gpu_hit_ms": hit, "reload_ms": reload, "exact": reload_out == hit_out})
+            reload, reload_out = ttft(ids, timelines.get("reload"))
+            rows.append({"first_ms": first, "gpu_hit_ms": hit, "reload_ms": reload, "exact": reload_out == hit_out,
+                         **({"timeline": timelines} if timelines else {})})
         result[str(length)] = rows
         print(f"  single {length}: " + ", ".join(f"{k}={statistics.median(r[k] for r in rows):.1f}"
                                               for k in ("first_ms", "gpu_hit_ms", "reload_ms"))

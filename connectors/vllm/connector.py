@@ -8,7 +8,7 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
                                                                KVConnectorRole)
 
-from kvstore import ConfigError
+from kvstore import ConfigError, trace
 
 from ..shared_store import shared_store
 from .metadata import KVStoreConnectorMetadata
@@ -71,12 +71,17 @@ class KVStoreConnector(KVConnectorBase_V1):
 
     # ---- scheduler side ----------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
-        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+        trace.mark("scheduler.match")
+        matched = self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+        trace.mark("scheduler.match.done")
+        return matched
 
     def update_state_after_alloc(self, request: "Request", blocks, num_external_tokens: int) -> None:
+        trace.mark("scheduler.alloc")
         self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        trace.mark("scheduler.build_meta")
         return self._scheduler.build_connector_meta(scheduler_output)
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -87,7 +92,9 @@ class KVStoreConnector(KVConnectorBase_V1):
         self._worker.register_kv_caches(kv_caches)
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        trace.mark("worker.start_load")
         self._worker.start(self._get_connector_metadata())
+        trace.mark("worker.start_load.done")
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         self._worker.wait_for_layer_load(layer_name, _current_stream())
@@ -96,7 +103,9 @@ class KVStoreConnector(KVConnectorBase_V1):
         self._worker.save_kv_layer(layer_name, _current_stream())
 
     def wait_for_save(self) -> None:
+        trace.mark("worker.wait_for_save")  # the forward has been enqueued
         self._worker.wait_for_save(_current_stream())
+        trace.mark("worker.wait_for_save.done")  # the step's loads have arrived, its saves are stored
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors()

@@ -70,6 +70,7 @@ class ConnectorWorker:
         # wait_for_layer_load during capture), so a replay waits for the step's loads, if any.
         self._layer_events: list[int] = []
         self.captured_waits = 0
+        self._told_captures = False
         self.captures_waits = settings.layerwise and settings.cuda_graphs == "full"
 
     # ---- set-up ------------------------------------------------------------------------------
@@ -110,6 +111,9 @@ class ConnectorWorker:
             return
         self._finish_loads()  # a previous step's loads, if vLLM skipped wait_for_save
         if meta.loads:
+            if self.captures_waits and not self._told_captures:
+                self._told_captures = True
+                log.info("kvstore: %d layer-load waits were captured into vLLM's CUDA graphs", self.captured_waits)
             keys, ids = self._batch(meta.loads)
             self._load_ids, self._load_chunks = ids, len(keys)
             try:
