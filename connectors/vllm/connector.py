@@ -14,7 +14,7 @@ from ..shared_store import shared_store
 from .metadata import KVStoreConnectorMetadata
 from .scheduler import ConnectorScheduler
 from .settings import ConnectorSettings
-from .worker import ConnectorWorker
+from .worker import ConnectorWorker, in_process_worker
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -48,6 +48,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         self._scheduler = (ConnectorScheduler(vllm_config, settings, store, kv_cache_config)
                            if role == KVConnectorRole.SCHEDULER else None)
         self._worker = ConnectorWorker(vllm_config, settings, store) if role == KVConnectorRole.WORKER else None
+        self._engine_id = getattr(vllm_config.kv_transfer_config, "engine_id", None)
         self._settings = settings
 
     @property
@@ -82,7 +83,12 @@ class KVStoreConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         trace.mark("scheduler.build_meta")
-        return self._scheduler.build_connector_meta(scheduler_output)
+        meta = self._scheduler.build_connector_meta(scheduler_output)
+        worker = in_process_worker(self._engine_id)
+        if worker is not None:  # same process: the loads need not wait for the step's input preparation
+            worker.start_loads_early(meta)
+            trace.mark("scheduler.loads_started")
+        return meta
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self._scheduler.request_finished(request, block_ids)

@@ -21,3 +21,4 @@ class ChunkTransfer:
 class KVStoreConnectorMetadata(KVConnectorMetadata):
     loads: list[ChunkTransfer] = field(default_factory=list)
     saves: list[ChunkTransfer] = field(default_factory=list)
+    early_load_id: int = 0  # != 0: a worker in the scheduler's process started these loads already

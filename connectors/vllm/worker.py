@@ -13,6 +13,11 @@ hooks put a wait on a per-layer event into the graph; every load records those s
 replay waits for the step's loads (start_load_kv enqueues them all before the forward is
 launched). Layers a graph ran without calling save_kv_layer are gathered in wait_for_save, after
 the forward on the current stream.
+
+Early start: when this worker lives in the scheduler's process (one GPU, vLLM's in-process
+executor), the scheduler half hands it the step's metadata as soon as it is built and the loads
+start then, not at start_load_kv: the 2-6 ms vLLM spends preparing the step's inputs overlap the
+transfer. The metadata carries early_load_id so start_load_kv does not load twice.
 """
 from __future__ import annotations
 
@@ -50,10 +55,21 @@ def layout_of_vllm_caches(tensors: list, *, head_size: int | None, mla: bool) ->
     raise KVStoreError(f"unrecognised vLLM KV cache tensor shape {shape}")
 
 
+# Workers that live in the scheduler's process (one GPU, in-process executor), by engine id: the
+# scheduler half starts a step's loads through them as soon as it has planned the step.
+_IN_PROCESS: dict[str, "ConnectorWorker"] = {}
+
+
+def in_process_worker(engine_id: str | None) -> "ConnectorWorker | None":
+    return _IN_PROCESS.get(engine_id) if engine_id else None
+
+
 class ConnectorWorker:
     def __init__(self, vllm_config, settings: ConnectorSettings, store: Store):
         self._settings = settings
         self._store = store
+        self._engine_id = getattr(vllm_config.kv_transfer_config, "engine_id", None)
+        self._single_gpu = vllm_config.parallel_config.world_size == 1
         self._block_size = vllm_config.cache_config.block_size
         self._mla = bool(getattr(vllm_config.model_config, "use_mla", False))
         self._head_size = None if self._mla else vllm_config.model_config.get_head_size()
@@ -71,6 +87,7 @@ class ConnectorWorker:
         self._layer_events: list[int] = []
         self.captured_waits = 0
         self._told_captures = False
+        self._early_id = 0
         self.captures_waits = settings.layerwise and settings.cuda_graphs == "full"
 
     # ---- set-up ------------------------------------------------------------------------------
@@ -89,6 +106,8 @@ class ConnectorWorker:
                 self._layer_events = [C.cuda_event_create(device, False) for _ in range(self.layout.num_layers)]
         else:
             self.captures_waits = False
+        if self._single_gpu and self._engine_id and self._settings.layerwise:
+            _IN_PROCESS[self._engine_id] = self
 
     def _kernel_ids(self, block_ids: list[int]) -> np.ndarray:
         ids = np.asarray(block_ids, dtype=np.int64)
@@ -106,26 +125,26 @@ class ConnectorWorker:
         return keys, ids
 
     # ---- per step ----------------------------------------------------------------------------
+    def start_loads_early(self, meta: KVStoreConnectorMetadata) -> None:
+        """Called in the scheduler's process right after it built `meta` (this worker lives in that
+        process: one GPU, in-process executor): the loads start now instead of at start_load_kv,
+        about the time vLLM takes to prepare the step's inputs earlier. Not while an earlier
+        step's loads are still open (asynchronous scheduling): start() then does it as usual."""
+        if self.layout is None or not self._settings.layerwise or not meta.loads or self._load is not None:
+            return
+        self._begin_loads(meta)
+        self._early_id += 1
+        meta.early_load_id = self._early_id
+
     def start(self, meta: KVStoreConnectorMetadata) -> None:
         if self.layout is None or not isinstance(meta, KVStoreConnectorMetadata):
             return
-        self._finish_loads()  # a previous step's loads, if vLLM skipped wait_for_save
-        if meta.loads:
-            if self.captures_waits and not self._told_captures:
-                self._told_captures = True
-                log.info("kvstore: %d layer-load waits were captured into vLLM's CUDA graphs", self.captured_waits)
-            keys, ids = self._batch(meta.loads)
-            self._load_ids, self._load_chunks = ids, len(keys)
-            try:
-                self._load = self._store.begin_load(keys, self.layout, self._kernel_ids(ids),
-                                                    layer_events=self._layer_events or None)
-                missing = self._load.missing
-            except KVStoreError:
-                log.exception("kvstore: load of %d chunks failed; vLLM will recompute them", len(keys))
-                self._load, missing = None, list(range(len(keys)))
-            self._report_failed(missing)
-            if not self._settings.layerwise:  # everything arrives before the forward starts
-                self._finish_loads()
+        if meta.loads and meta.early_load_id and meta.early_load_id == self._early_id:
+            pass  # this step's loads are running since the scheduler built meta
+        else:
+            self._finish_loads()  # a previous step's loads, if vLLM skipped wait_for_save
+            if meta.loads:
+                self._begin_loads(meta)
         if meta.saves:
             keys, ids = self._batch(meta.saves)
             try:
@@ -133,6 +152,23 @@ class ConnectorWorker:
             except KVStoreError:
                 log.exception("kvstore: could not start saving %d chunks", len(keys))
                 self._save = None
+
+    def _begin_loads(self, meta: KVStoreConnectorMetadata) -> None:
+        if self.captures_waits and not self._told_captures:
+            self._told_captures = True
+            log.info("kvstore: %d layer-load waits were captured into vLLM's CUDA graphs", self.captured_waits)
+        keys, ids = self._batch(meta.loads)
+        self._load_ids, self._load_chunks = ids, len(keys)
+        try:
+            self._load = self._store.begin_load(keys, self.layout, self._kernel_ids(ids),
+                                                layer_events=self._layer_events or None)
+            missing = self._load.missing
+        except KVStoreError:
+            log.exception("kvstore: load of %d chunks failed; vLLM will recompute them", len(keys))
+            self._load, missing = None, list(range(len(keys)))
+        self._report_failed(missing)
+        if not self._settings.layerwise:  # everything arrives before the forward starts
+            self._finish_loads()
 
     def wait_for_layer_load(self, layer_name: str, stream: Any) -> None:
         if self._load is not None:
@@ -174,6 +210,8 @@ class ConnectorWorker:
         return errors
 
     def shutdown(self) -> None:
+        if _IN_PROCESS.get(self._engine_id) is self:
+            del _IN_PROCESS[self._engine_id]
         if self._save is not None:
             self._save.abort()
             self._save = None

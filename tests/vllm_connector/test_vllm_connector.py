@@ -21,6 +21,7 @@ from vllm.v1.request import RequestStatus  # noqa: E402
 
 from kvstore import ConfigError  # noqa: E402
 from kvstore.connectors.vllm import KVStoreConnector, register  # noqa: E402
+from kvstore.connectors.vllm import worker as worker_module  # noqa: E402
 from kvstore.connectors.vllm.metadata import KVStoreConnectorMetadata  # noqa: E402
 
 from pathlib import Path  # noqa: E402
@@ -140,12 +141,31 @@ def test_prefix_saved_by_one_request_is_loaded_bit_exact_by_another(vllm_utils, 
         assert out.num_scheduled_tokens[b.request_id] == 100 - 64   # computed tokens advanced by the hit
         assert b.num_computed_tokens == 100  # 64 loaded + 36 computed in this step
         assert [len(load.keys) for load in meta.loads] == [2]
+        assert meta.early_load_id != 0  # started in build_connector_meta: the worker is in this process
         engine.assert_kv_exact(b, upto=64)                           # loaded before the forward
         loaded_before["ok"] = True
 
     engine.step(before_forward=check_loaded)
     assert loaded_before and not engine.errors[-1]
     engine.assert_kv_exact(b, upto=100)
+    engine.run_to_end()
+
+    # A worker in another process (TP > 1, or an out-of-process executor): loads start in
+    # start_load_kv, as before.
+    engine.reset_gpu()
+    worker_module._IN_PROCESS.clear()
+    c = make_request(vllm_utils, 3, num_tokens=90, common_prefix_len=80)
+    engine.add(c)
+    loaded_before.clear()
+
+    def check_loaded_late(out, meta):
+        assert [len(load.keys) for load in meta.loads] == [2] and meta.early_load_id == 0
+        engine.assert_kv_exact(c, upto=64)
+        loaded_before["ok"] = True
+
+    engine.step(before_forward=check_loaded_late)
+    assert loaded_before and not engine.errors[-1]
+    engine.assert_kv_exact(c, upto=90)
     engine.run_to_end()
     engine.u.assert_scheduler_empty(engine.scheduler)
     assert engine.scheduler.connector._scheduler.num_tracked_requests == 0
