@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include "checksum.h"
+#include "socket_recv.h"
 #include "cpu_movers.h"
 #include "cuda_device.h"
 #include "direct_file.h"
@@ -16,7 +17,8 @@ namespace py = pybind11;
 using namespace kvstore;
 
 namespace kvstore {
-void bind_gpu_movers(py::module_& m);  // gpu_bindings.cpp
+void bind_gpu_movers(py::module_& m);     // gpu_bindings.cpp
+void bind_master_index(py::module_& m);  // master_index_bindings.cpp
 }
 
 namespace {
@@ -51,7 +53,7 @@ py::buffer_info writable_bytes(const py::buffer& buf, int64_t need) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "kvstore native core: layouts, CPU movers, pinned memory, O_DIRECT slab files, checksums";
+  m.doc() = "kvstore native core: layouts, CPU movers, pinned memory, O_DIRECT slab files, checksums, master index";
 
   py::register_exception_translator([](std::exception_ptr p) {
     try {
@@ -100,6 +102,15 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     return checksum(p, nbytes);
   }, py::arg("buffer"), py::arg("nbytes"));
+  m.def("recv_checksummed", [](int fd, const py::buffer& buf, int64_t nbytes, double timeout_s) {
+    py::buffer_info info = buf.request(true);  // BufferError for a read-only buffer
+    KV_CHECK_ARG(nbytes >= 0 && nbytes <= info.size * info.itemsize, "recv_checksummed: nbytes exceeds the buffer");
+    void* p = info.ptr;
+    py::gil_scoped_release nogil;
+    return recv_checksummed(fd, p, nbytes, timeout_s);
+  }, py::arg("fd"), py::arg("buffer"), py::arg("nbytes"), py::arg("timeout_s"),
+        "Receives exactly nbytes from socket fd into buffer, hashing each piece as it arrives; returns "
+        "checksum(buffer, nbytes). TierIOError on timeout, early close or socket error.");
 
   m.def("host_alloc", [](size_t nbytes, bool pin) {
     HostAllocation a;
@@ -154,4 +165,5 @@ PYBIND11_MODULE(_C, m) {
   m.attr("DIRECT_IO_ALIGN") = kDirectIoAlign;
 
   bind_gpu_movers(m);
+  bind_master_index(m);
 }

@@ -14,7 +14,7 @@ BENCHMARKS = {
     "worker": ("worker_gpu", "vLLM worker path on CUDA: layer-wise save/load GB/s and per-layer waits (needs a GPU)"),
     "e2e": ("e2e.vllm_ttft", "TTFT in real vLLM: recompute vs native CPU offload vs kvstore (needs a GPU)"),
     "agent": ("agent", "node agent: lookup round trips, save/load GB/s vs the embedded store"),
-    "master": ("master", "cluster master: batched Match lookups/s and p50/p99 with 1M keys, streamed deltas"),
+    "master": ("master", "cluster master: batched Match lookups/s and p50/p99 with 1M and 10M keys, streamed deltas"),
     "remote": ("remote", "remote tier: agent-to-agent fetch GB/s vs a raw TCP stream on loopback"),
 }
 

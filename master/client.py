@@ -15,6 +15,7 @@ from kvstore.errors import KVStoreError
 from . import kvstore_master_pb2 as pb
 from . import kvstore_master_pb2_grpc as pb_grpc
 from .server import MAX_KEYS, MAX_MESSAGE_NBYTES, TOKEN_METADATA
+from .state import KEY_NBYTES
 
 DRAM, SSD = pb.DRAM, pb.SSD
 
@@ -30,8 +31,8 @@ class Candidate:
     node_id: str
     address: str
     length: int
-    checksums: list[int]
-    nbytes: list[int]
+    checksums: Sequence[int]  # per key of the run; the reply's own repeated field (index or slice it)
+    nbytes: Sequence[int]
 
 
 @dataclass(frozen=True)
@@ -78,12 +79,29 @@ class MasterClient:
     def report(self, batches: Iterable[pb.DeltaBatch], timeout_s: float | None = None) -> pb.ReportReply:
         return self._call(self.stub.ReportDeltas, iter(batches), timeout_s)
 
-    def match(self, keys: Sequence[bytes], exclude_node: str = "") -> MatchResult:
-        keys = list(keys)[:MAX_KEYS]
-        reply = self._call(self.stub.Match, pb.MatchRequest(keys=keys, exclude_node=exclude_node))
+    def match(self, keys: Iterable[bytes] | bytes, exclude_node: str = "") -> MatchResult:
+        """Leading runs of keys (16-byte keys, or the same packed into one bytes object); at most
+        MAX_KEYS are asked. Sent packed (MatchRequest.packed_keys)."""
+        if isinstance(keys, (bytes, bytearray, memoryview)):
+            packed = bytes(keys[:MAX_KEYS * KEY_NBYTES])
+            if len(packed) % KEY_NBYTES:
+                raise MasterError(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"packed keys are {len(packed)} bytes, not a multiple of {KEY_NBYTES} bytes")
+        else:
+            keys = list(keys)[:MAX_KEYS]
+            if keys and set(map(len, keys)) != {KEY_NBYTES}:  # before packing hides a 15 + 17 byte pair
+                i = next(i for i, k in enumerate(keys) if len(k) != KEY_NBYTES)
+                raise MasterError(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"keys[{i}] is {len(keys[i])} bytes; keys are {KEY_NBYTES} bytes")
+            packed = b"".join(keys)
+        reply = self._call(self.stub.Match, pb.MatchRequest(packed_keys=packed, exclude_node=exclude_node))
         return MatchResult({(r.node_id, r.tier): r.length for r in reply.runs},
-                           [Candidate(c.node_id, c.address, c.length, list(c.checksums), list(c.nbytes))
-                            for c in reply.candidates])
+                           [Candidate(c.node_id, c.address, c.length, c.checksums, c.nbytes) for c in reply.candidates])
+
+    def place(self, node_id: str, nbytes: int, count: int, exclude_writer: bool = True) -> list[pb.Target]:
+        """Where count objects of nbytes that node_id cannot keep should go (see the proto's Place)."""
+        return list(self._call(self.stub.Place, pb.PlaceRequest(node_id=node_id, nbytes=nbytes, count=count,
+                                                               exclude_writer=exclude_writer)).targets)
 
     def status(self) -> pb.StatusReply:
         return self._call(self.stub.Status, pb.StatusRequest())

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmaster/kvstore_master.proto\x12\x11kvstore.master.v1\"L\n\nCapacities\x12\x12\n\ndram_bytes\x18\x01 \x01(\x04\x12\x17\n\x0f\x64ram_free_bytes\x18\x02 \x01(\x04\x12\x11\n\tssd_bytes\x18\x03 \x01(\x04\"f\n\x0fRegisterRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x31\n\ncapacities\x18\x03 \x01(\x0b\x32\x1d.kvstore.master.v1.Capacities\"Y\n\rRegisterReply\x12\x14\n\x0cmaster_epoch\x18\x01 \x01(\x04\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x03 \x01(\r\"l\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0cmaster_epoch\x18\x02 \x01(\x04\x12\x31\n\ncapacities\x18\x03 \x01(\x0b\x32\x1d.kvstore.master.v1.Capacities\" \n\x0eHeartbeatReply\x12\x0e\n\x06resync\x18\x01 \x01(\x08\"\x88\x01\n\x07Replica\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12%\n\x04tier\x18\x02 \x01(\x0e\x32\x17.kvstore.master.v1.Tier\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x06\x12\x12\n\ngeneration\x18\x05 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x06 \x01(\x06\">\n\x08\x45viction\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12%\n\x04tier\x18\x02 \x01(\x0e\x32\x17.kvstore.master.v1.Tier\"\x9b\x01\n\nDeltaBatch\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0cmaster_epoch\x18\x02 \x01(\x04\x12\r\n\x05reset\x18\x03 \x01(\x08\x12*\n\x06\x61\x64mits\x18\x04 \x03(\x0b\x32\x1a.kvstore.master.v1.Replica\x12+\n\x06\x65victs\x18\x05 \x03(\x0b\x32\x1b.kvstore.master.v1.Eviction\"A\n\x0bReportReply\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x64mitted\x18\x02 \x01(\x04\x12\x0f\n\x07\x65victed\x18\x03 \x01(\x04\"2\n\x0cMatchRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x14\n\x0c\x65xclude_node\x18\x02 \x01(\t\"Q\n\x07NodeRun\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12%\n\x04tier\x18\x02 \x01(\x0e\x32\x17.kvstore.master.v1.Tier\x12\x0e\n\x06length\x18\x03 \x01(\r\"_\n\x08Location\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06length\x18\x03 \x01(\r\x12\x11\n\tchecksums\x18\x04 \x03(\x06\x12\x0e\n\x06nbytes\x18\x05 \x03(\x04\"g\n\nMatchReply\x12(\n\x04runs\x18\x01 \x03(\x0b\x32\x1a.kvstore.master.v1.NodeRun\x12/\n\ncandidates\x18\x02 \x03(\x0b\x32\x1b.kvstore.master.v1.Location\"\x0f\n\rStatusRequest\"\x91\x01\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x31\n\ncapacities\x18\x03 \x01(\x0b\x32\x1d.kvstore.master.v1.Capacities\x12\x10\n\x08replicas\x18\x04 \x01(\x04\x12\x1c\n\x14last_heartbeat_age_s\x18\x05 \x01(\x01\"\x83\x01\n\x0bStatusReply\x12\x14\n\x0cmaster_epoch\x18\x01 \x01(\x04\x12\x0c\n\x04keys\x18\x02 \x01(\x04\x12\x10\n\x08replicas\x18\x03 \x01(\x04\x12,\n\x05nodes\x18\x04 \x03(\x0b\x32\x1d.kvstore.master.v1.NodeStatus\x12\x10\n\x08uptime_s\x18\x05 \x01(\x01*/\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x08\n\x04\x44RAM\x10\x01\x12\x07\n\x03SSD\x10\x02\x32\x95\x03\n\x06Master\x12P\n\x08Register\x12\".kvstore.master.v1.RegisterRequest\x1a .kvstore.master.v1.RegisterReply\x12S\n\tHeartbeat\x12#.kvstore.master.v1.HeartbeatRequest\x1a!.kvstore.master.v1.HeartbeatReply\x12O\n\x0cReportDeltas\x12\x1d.kvstore.master.v1.DeltaBatch\x1a\x1e.kvstore.master.v1.ReportReply(\x01\x12G\n\x05Match\x12\x1f.kvstore.master.v1.MatchRequest\x1a\x1d.kvstore.master.v1.MatchReply\x12J\n\x06Status\x12 .kvstore.master.v1.StatusRequest\x1a\x1e.kvstore.master.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmaster/kvstore_master.proto\x12\x11kvstore.master.v1\"L\n\nCapacities\x12\x12\n\ndram_bytes\x18\x01 \x01(\x04\x12\x17\n\x0f\x64ram_free_bytes\x18\x02 \x01(\x04\x12\x11\n\tssd_bytes\x18\x03 \x01(\x04\"f\n\x0fRegisterRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x31\n\ncapacities\x18\x03 \x01(\x0b\x32\x1d.kvstore.master.v1.Capacities\"Y\n\rRegisterReply\x12\x14\n\x0cmaster_epoch\x18\x01 \x01(\x04\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x03 \x01(\r\"l\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0cmaster_epoch\x18\x02 \x01(\x04\x12\x31\n\ncapacities\x18\x03 \x01(\x0b\x32\x1d.kvstore.master.v1.Capacities\" \n\x0eHeartbeatReply\x12\x0e\n\x06resync\x18\x01 \x01(\x08\"\x88\x01\n\x07Replica\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12%\n\x04tier\x18\x02 \x01(\x0e\x32\x17.kvstore.master.v1.Tier\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x06\x12\x12\n\ngeneration\x18\x05 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x06 \x01(\x06\">\n\x08\x45viction\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12%\n\x04tier\x18\x02 \x01(\x0e\x32\x17.kvstore.master.v1.Tier\"\x9b\x01\n\nDeltaBatch\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0cmaster_epoch\x18\x02 \x01(\x04\x12\r\n\x05reset\x18\x03 \x01(\x08\x12*\n\x06\x61\x64mits\x18\x04 \x03(\x0b\x32\x1a.kvstore.master.v1.Replica\x12+\n\x06\x65victs\x18\x05 \x03(\x0b\x32\x1b.kvstore.master.v1.Eviction\"A\n\x0bReportReply\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x64mitted\x18\x02 \x01(\x04\x12\x0f\n\x07\x65victed\x18\x03 \x01(\x04\"G\n\x0cMatchRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x14\n\x0c\x65xclude_node\x18\x02 \x01(\t\x12\x13\n\x0bpacked_keys\x18\x03 \x01(\x0c\"Q\n\x07NodeRun\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12%\n\x04tier\x18\x02 \x01(\x0e\x32\x17.kvstore.master.v1.Tier\x12\x0e\n\x06length\x18\x03 \x01(\r\"_\n\x08Location\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06length\x18\x03 \x01(\r\x12\x11\n\tchecksums\x18\x04 \x03(\x06\x12\x0e\n\x06nbytes\x18\x05 \x03(\x04\"g\n\nMatchReply\x12(\n\x04runs\x18\x01 \x03(\x0b\x32\x1a.kvstore.master.v1.NodeRun\x12/\n\ncandidates\x18\x02 \x03(\x0b\x32\x1b.kvstore.master.v1.Location\"V\n\x0cPlaceRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x16\n\x0e\x65xclude_writer\x18\x04 \x01(\x08\"9\n\x06Target\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\r\"8\n\nPlaceReply\x12*\n\x07targets\x18\x01 \x03(\x0b\x32\x19.kvstore.master.v1.Target\"\x0f\n\rStatusRequest\"\x91\x01\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x31\n\ncapacities\x18\x03 \x01(\x0b\x32\x1d.kvstore.master.v1.Capacities\x12\x10\n\x08replicas\x18\x04 \x01(\x04\x12\x1c\n\x14last_heartbeat_age_s\x18\x05 \x01(\x01\"\x83\x01\n\x0bStatusReply\x12\x14\n\x0cmaster_epoch\x18\x01 \x01(\x04\x12\x0c\n\x04keys\x18\x02 \x01(\x04\x12\x10\n\x08replicas\x18\x03 \x01(\x04\x12,\n\x05nodes\x18\x04 \x03(\x0b\x32\x1d.kvstore.master.v1.NodeStatus\x12\x10\n\x08uptime_s\x18\x05 \x01(\x01*/\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x08\n\x04\x44RAM\x10\x01\x12\x07\n\x03SSD\x10\x02\x32\xde\x03\n\x06Master\x12P\n\x08Register\x12\".kvstore.master.v1.RegisterRequest\x1a .kvstore.master.v1.RegisterReply\x12S\n\tHeartbeat\x12#.kvstore.master.v1.HeartbeatRequest\x1a!.kvstore.master.v1.HeartbeatReply\x12O\n\x0cReportDeltas\x12\x1d.kvstore.master.v1.DeltaBatch\x1a\x1e.kvstore.master.v1.ReportReply(\x01\x12G\n\x05Match\x12\x1f.kvstore.master.v1.MatchRequest\x1a\x1d.kvstore.master.v1.MatchReply\x12G\n\x05Place\x12\x1f.kvstore.master.v1.PlaceRequest\x1a\x1d.kvstore.master.v1.PlaceReply\x12J\n\x06Status\x12 .kvstore.master.v1.StatusRequest\x1a\x1e.kvstore.master.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'master.kvstore_master_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TIER']._serialized_start=1531
-  _globals['_TIER']._serialized_end=1578
+  _globals['_TIER']._serialized_start=1757
+  _globals['_TIER']._serialized_end=1804
   _globals['_CAPACITIES']._serialized_start=50
   _globals['_CAPACITIES']._serialized_end=126
   _globals['_REGISTERREQUEST']._serialized_start=128
@@ -52,19 +52,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPORTREPLY']._serialized_start=828
   _globals['_REPORTREPLY']._serialized_end=893
   _globals['_MATCHREQUEST']._serialized_start=895
-  _globals['_MATCHREQUEST']._serialized_end=945
-  _globals['_NODERUN']._serialized_start=947
-  _globals['_NODERUN']._serialized_end=1028
-  _globals['_LOCATION']._serialized_start=1030
-  _globals['_LOCATION']._serialized_end=1125
-  _globals['_MATCHREPLY']._serialized_start=1127
-  _globals['_MATCHREPLY']._serialized_end=1230
-  _globals['_STATUSREQUEST']._serialized_start=1232
-  _globals['_STATUSREQUEST']._serialized_end=1247
-  _globals['_NODESTATUS']._serialized_start=1250
-  _globals['_NODESTATUS']._serialized_end=1395
-  _globals['_STATUSREPLY']._serialized_start=1398
-  _globals['_STATUSREPLY']._serialized_end=1529
-  _globals['_MASTER']._serialized_start=1581
-  _globals['_MASTER']._serialized_end=1986
+  _globals['_MATCHREQUEST']._serialized_end=966
+  _globals['_NODERUN']._serialized_start=968
+  _globals['_NODERUN']._serialized_end=1049
+  _globals['_LOCATION']._serialized_start=1051
+  _globals['_LOCATION']._serialized_end=1146
+  _globals['_MATCHREPLY']._serialized_start=1148
+  _globals['_MATCHREPLY']._serialized_end=1251
+  _globals['_PLACEREQUEST']._serialized_start=1253
+  _globals['_PLACEREQUEST']._serialized_end=1339
+  _globals['_TARGET']._serialized_start=1341
+  _globals['_TARGET']._serialized_end=1398
+  _globals['_PLACEREPLY']._serialized_start=1400
+  _globals['_PLACEREPLY']._serialized_end=1456
+  _globals['_STATUSREQUEST']._serialized_start=1458
+  _globals['_STATUSREQUEST']._serialized_end=1473
+  _globals['_NODESTATUS']._serialized_start=1476
+  _globals['_NODESTATUS']._serialized_end=1621
+  _globals['_STATUSREPLY']._serialized_start=1624
+  _globals['_STATUSREPLY']._serialized_end=1755
+  _globals['_MASTER']._serialized_start=1807
+  _globals['_MASTER']._serialized_end=2285
 # @@protoc_insertion_point(module_scope)

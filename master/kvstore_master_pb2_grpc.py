@@ -54,6 +54,11 @@ class MasterStub:
                 request_serializer=master_dot_kvstore__master__pb2.MatchRequest.SerializeToString,
                 response_deserializer=master_dot_kvstore__master__pb2.MatchReply.FromString,
                 _registered_method=True)
+        self.Place = channel.unary_unary(
+                '/kvstore.master.v1.Master/Place',
+                request_serializer=master_dot_kvstore__master__pb2.PlaceRequest.SerializeToString,
+                response_deserializer=master_dot_kvstore__master__pb2.PlaceReply.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/kvstore.master.v1.Master/Status',
                 request_serializer=master_dot_kvstore__master__pb2.StatusRequest.SerializeToString,
@@ -88,6 +93,15 @@ class MasterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Place(self, request, context):
+        """Where to write objects that do not fit on the writer: the writer if it has room (unless
+        excluded), then live nodes by free DRAM ratio, each taking what its free DRAM holds. Free DRAM
+        comes from heartbeats; placed bytes count as used until the node's next heartbeat.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -116,6 +130,11 @@ def add_MasterServicer_to_server(servicer, server):
                     servicer.Match,
                     request_deserializer=master_dot_kvstore__master__pb2.MatchRequest.FromString,
                     response_serializer=master_dot_kvstore__master__pb2.MatchReply.SerializeToString,
+            ),
+            'Place': grpc.unary_unary_rpc_method_handler(
+                    servicer.Place,
+                    request_deserializer=master_dot_kvstore__master__pb2.PlaceRequest.FromString,
+                    response_serializer=master_dot_kvstore__master__pb2.PlaceReply.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -231,6 +250,33 @@ class Master:
             '/kvstore.master.v1.Master/Match',
             master_dot_kvstore__master__pb2.MatchRequest.SerializeToString,
             master_dot_kvstore__master__pb2.MatchReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Place(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.master.v1.Master/Place',
+            master_dot_kvstore__master__pb2.PlaceRequest.SerializeToString,
+            master_dot_kvstore__master__pb2.PlaceReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -202,3 +202,104 @@ def test_generated_code_matches_the_proto(tmp_path):
     for name in ("kvstore_master_pb2.py", "kvstore_master_pb2_grpc.py"):
         assert filecmp.cmp(tmp_path / "master" / name, ROOT / "master" / name, shallow=False), \
             f"master/{name} is stale: regenerate it (see master/kvstore_master.proto)"
+
+
+def test_packed_keys_match_like_keys_and_are_validated(master):
+    _, c = master
+    epoch = register(c, "n1")
+    register(c, "n2", 2)
+    c.report(delta_batches("n1", epoch, [rep(i) for i in range(50)] + [rep(i, pb.SSD) for i in range(20)], []))
+    c.report(delta_batches("n2", epoch, [rep(i) for i in range(30)], []))
+    keys = [key(i) for i in range(60)]
+    for exclude in ("", "n1", "n2"):
+        by_list = c._call(c.stub.Match, pb.MatchRequest(keys=keys, exclude_node=exclude))
+        by_packed = c._call(c.stub.Match, pb.MatchRequest(packed_keys=b"".join(keys), exclude_node=exclude))
+        assert by_list == by_packed and len(by_packed.candidates) == (2 if not exclude else 1)
+    r = c.match(b"".join(keys))  # the client takes packed keys as well
+    assert r.runs == {("n1", pb.DRAM): 50, ("n1", pb.SSD): 20, ("n1", 0): 50, ("n2", pb.DRAM): 30, ("n2", 0): 30}
+    assert list(r.best.checksums) == [1000 + i for i in range(50)] and list(r.best.nbytes) == [4096] * 50
+    bad = [
+        (pb.MatchRequest(packed_keys=b"k" * 33), "16 bytes"),
+        (pb.MatchRequest(packed_keys=b"k" * 16 * (MAX_KEYS + 1)), "limit"),
+        (pb.MatchRequest(packed_keys=key(1), keys=[key(1)]), "not both"),
+    ]
+    for request, text in bad:
+        with pytest.raises(MasterError) as e:
+            c._call(c.stub.Match, request)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and text in str(e.value), str(e.value)
+    for call in (lambda: c.match([key(1), b"x" * 15, b"y" * 17]), lambda: c.match(b"k" * 20)):
+        with pytest.raises(MasterError) as e:  # caught before packing hides a wrong length
+            call()
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "16 bytes" in str(e.value)
+
+
+def test_location_run_fields_encode_like_protobuf():
+    import numpy as np
+
+    from kvstore.master.server import location_run_fields
+    rng = np.random.default_rng(3)
+    for n in (0, 1, 7, 300):
+        for nbytes in (np.full(n, 2 << 20, np.uint64), rng.integers(1, 2**64, n, dtype=np.uint64)):
+            checksums = rng.integers(0, 2**64, n, dtype=np.uint64)
+            got = pb.Location(node_id="a", length=n)
+            got.MergeFromString(location_run_fields(checksums, nbytes))
+            want = pb.Location(node_id="a", length=n, checksums=checksums.tolist(), nbytes=nbytes.tolist())
+            assert got.SerializeToString() == want.SerializeToString()
+
+
+def test_late_generations_are_not_persisted_and_node_numbers_are_reused(tmp_path):
+    state = MasterState(tmp_path / "m", deadline_s=0.05)
+    state.register("n1", "127.0.0.1:5", CAPS)
+    assert state.apply("n1", False, [(key(i), 1, 4096, 500 + i, 5, 0) for i in range(10)], []) == (10, 0)
+    assert state.apply("n1", False, [(key(i), 1, 4096, 900 + i, 4, 0) for i in range(10)], []) == (0, 0)
+    state.close()
+    state = MasterState(tmp_path / "m", deadline_s=0.05)
+    assert state.match([key(i) for i in range(10)])[1][0]["checksums"].tolist() == [500 + i for i in range(10)]
+    number = state.nodes["n1"].number
+    time.sleep(0.1)
+    assert state.reap() == ["n1"] and len(state.index) == 0
+    state.register("n2", "127.0.0.1:6", CAPS)  # takes n1's number: inherits none of its replicas
+    assert state.nodes["n2"].number == number and state.nodes["n2"].replicas == 0
+    assert state.match([key(0)]) == ([], [])
+    state.close()
+
+
+def test_keys_of_compensating_lengths_are_rejected(master):
+    _, c = master
+    register(c, "n1")
+    pair = [key(1)[:15], key(1) + b"!"]  # 32 bytes together: packing must not hide them
+    with pytest.raises(MasterError) as e:
+        c._call(c.stub.Match, pb.MatchRequest(keys=pair))
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "keys[0] is 15 bytes" in str(e.value)
+    with pytest.raises(MasterError) as e:
+        c.report([pb.DeltaBatch(node_id="n1", master_epoch=c.status().master_epoch,
+                                admits=[pb.Replica(key=k, tier=pb.DRAM, nbytes=1) for k in pair])])
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "admits[0] is 15 bytes" in str(e.value)
+    assert c.status().keys == 0
+
+
+def test_place_prefers_the_writer_then_free_ratio_and_counts_what_it_placed(master):
+    server, client = master
+    mib = 1 << 20
+    client.register("w", "127.0.0.1:1", (100 * mib, 50 * mib, 0))     # the writer: 50 % free
+    client.register("big", "127.0.0.1:2", (1000 * mib, 300 * mib, 0))  # 30 % free, most bytes
+    client.register("half", "127.0.0.1:3", (100 * mib, 60 * mib, 0))   # 60 % free
+    client.register("full", "127.0.0.1:4", (100 * mib, 0, 0))
+    got = lambda ts: [(t.node_id, t.address, t.count) for t in ts]  # noqa: E731
+    # fits on the writer: everything stays there
+    assert got(client.place("w", mib, 10, exclude_writer=False)) == [("w", "127.0.0.1:1", 10)]
+    # a spill: by free ratio (half 60 %, then big 30 %), each up to its free DRAM
+    assert got(client.place("w", mib, 100)) == [("half", "127.0.0.1:3", 60), ("big", "127.0.0.1:2", 40)]
+    # placed bytes count as used until the next heartbeat: half has nothing left now
+    assert got(client.place("w", mib, 500)) == [("big", "127.0.0.1:2", 260)]
+    assert client.place("w", mib, 1) == []  # nobody has room
+    epoch = server.state.epoch
+    client.heartbeat("half", epoch, (100 * mib, 60 * mib, 0))  # the heartbeat reports its real use again
+    assert got(client.place("w", 2 * mib, 3)) == [("half", "127.0.0.1:3", 3)]
+    for bad in (dict(nbytes=0, count=1), dict(nbytes=mib, count=0), dict(nbytes=mib, count=MAX_KEYS + 1)):
+        with pytest.raises(MasterError) as e:
+            client.place("w", **bad)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(MasterError) as e:
+        client.place("no such node!", mib, 1)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
