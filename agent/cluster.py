@@ -15,6 +15,14 @@ Remote fetch. On a local miss, fetch_run(keys) asks the master where the leading
 the Transport (many objects per request, pipelined), verifies each checksum against the master's
 index, commits; if a source fails midway the rest is tried from the next candidate. Failures are
 misses plus counters (remote_fetch_failures, remote_checksum_mismatches).
+
+Spill. A node without an SSD tier loses an object when its DRAM evicts it. When such a node's
+DRAM holds too few objects that could go without loss (free bytes + objects with a copy
+elsewhere < SPILL_HEADROOM of capacity), the link pushes its least recently used unsaved objects
+to nodes the master places them on (Place: free DRAM ratio first among live nodes), a batch per
+round. A pushed object stays readable here but is clean: evictions take it first, and the
+remote tier fetches it back from its new home. A receiving node refuses pushes that would take
+its own DRAM above SPILL_ACCEPT_MAX, so spills never cascade.
 """
 from __future__ import annotations
 
@@ -34,6 +42,10 @@ from kvstore.remote_transport import TcpServer, TcpTransport
 log = logging.getLogger(__name__)
 DRAM, SSD = pb.DRAM, pb.SSD
 REPORT_INTERVAL_S = 0.05
+SPILL_HEADROOM = 0.2    # of DRAM capacity kept free or clean on a node without SSD
+SPILL_BATCH = 64        # objects per spill round
+SPILL_ACCEPT_MAX = 0.9  # a node takes pushed objects only while its DRAM stays below this use
+SPILL_CHECK_S = 0.2     # how often the headroom is checked
 
 
 class ClusterLink:
@@ -57,6 +69,8 @@ class ClusterLink:
         self._thread = threading.Thread(target=self._loop, name="kvstore-agent-cluster", daemon=True)
         self.reports = 0
         self.resyncs = 0
+        self.spilled = 0
+        self._spill_backoff_until = 0.0
 
     @property
     def address(self) -> str:
@@ -96,6 +110,7 @@ class ClusterLink:
                 if not self._synced:
                     self._resync()
                 self._flush_events()
+                self._spill()
                 if time.monotonic() - self._last_heartbeat >= self.heartbeat_s:
                     if self.master.heartbeat(self.node_id, self.epoch, self._capacities()):
                         log.info("master asked for a resync (restarted or lost this node)")
@@ -176,6 +191,67 @@ class ClusterLink:
             self._synced = False  # the full inventory replaces the lost deltas
             raise
         self.reports += 1
+
+    # ---- spilling to other nodes -----------------------------------------------------------------
+    def _spill(self) -> None:
+        """One round: if this DRAM-only node is short of loss-free headroom, push a batch of its
+        least recently used unsaved objects where the master places them."""
+        dram = self.core.dram
+        if self.core.ssd is not None or time.monotonic() < self._spill_backoff_until:
+            return
+        self._spill_backoff_until = time.monotonic() + SPILL_CHECK_S
+        if dram.headroom_bytes() >= SPILL_HEADROOM * dram.capacity_bytes:
+            return
+        slots = [s for s in (dram.acquire(k) for k in dram.oldest_unsaved(SPILL_BATCH)) if s is not None]
+        try:
+            by_size: dict[tuple[int, int], list] = {}
+            for s in slots:
+                by_size.setdefault((s.nbytes, s.fingerprint), []).append(s)
+            for (nbytes, fingerprint), group in by_size.items():
+                targets = self.master.place(self.node_id, nbytes, len(group), exclude_writer=True)
+                if not targets:
+                    self._spill_backoff_until = time.monotonic() + 1.0  # no node has room: retry later
+                    log.info("spill: no live node has room for %d objects of %d bytes", len(group), nbytes)
+                    continue
+                for target in targets:
+                    batch, group = group[:target.count], group[target.count:]
+                    sums = [self.checksum_of(s) for s in batch]
+                    stored = self.transport.push(target.address, [s.key for s in batch], nbytes, fingerprint,
+                                                 [s.payload for s in batch], sums)
+                    for s, ok in zip(batch, stored):
+                        if ok:
+                            dram.mark_persisted(s.key)  # a copy lives on target: evict this one first
+                    n = sum(stored)
+                    self.spilled += n
+                    self.core.stats.add("spilled", n, tier="dram")
+                    if n < len(batch):
+                        self._spill_backoff_until = time.monotonic() + 1.0
+        finally:
+            for s in slots:
+                dram.release(s)
+
+    # ---- taking pushed objects (TcpServer) -----------------------------------------------------
+    def reserve_incoming(self, key: bytes, nbytes: int, fingerprint: int):
+        dram = self.core.dram
+        if (self.core.ssd is not None and self.core.ssd.contains(key)) or (
+                dram.used_bytes() + nbytes > SPILL_ACCEPT_MAX * dram.capacity_bytes):
+            return None
+        try:
+            return dram.reserve(key, nbytes, fingerprint)  # None: present already
+        except PoolFullError:
+            return None
+
+    def commit_incoming(self, slot, checksum: int) -> None:
+        self.core.dram.commit(slot)
+        self._checksums[slot.key] = checksum
+        self.core.stats.add("bytes", slot.nbytes, tier="remote", dst="dram")
+        self.core.stats.add("received_spills")
+        if self.core.writeback is not None:
+            self.core.writeback.enqueue([slot.key])
+        self.admitted([slot.key])
+
+    def abort_incoming(self, slot) -> None:
+        self.core.dram.abort(slot)
 
     # ---- serving peers (ObjectSource for TcpServer) ----------------------------------------------
     def acquire_remote(self, key: bytes, nbytes: int, fingerprint: int):
@@ -271,4 +347,5 @@ class ClusterLink:
     def status(self) -> dict:
         return {"node_id": self.node_id, "address": self.address, "master": self.master.address,
                 "synced": self._synced, "epoch": self.epoch, "reports": self.reports, "resyncs": self.resyncs,
-                "served_objects": self.server.served_objects, "fetched_objects": self.transport.stats.objects}
+                "served_objects": self.server.served_objects, "fetched_objects": self.transport.stats.objects,
+                "spilled_objects": self.spilled}

@@ -1,7 +1,8 @@
 """`kvstore bench remote`: the remote tier's fetch (TcpTransport client -> TcpServer source, many
 objects per request, checksum verified on arrival, as an agent fetches) next to the raw
 transport ceiling measured in the same run: one plain TCP stream of the same bytes on loopback
-(sendall from the source buffer, recv_into the destination buffer, no framing, no checksum).
+(sendall from the source buffer, recv_into with MSG_WAITALL into the destination buffer, no
+framing, no checksum).
 
 Both ends run in this process (threads; socket I/O and checksums release the GIL). ucxx is not
 installed here, so TCP is the only transport measured. Writes remote.json and remote.png.
@@ -26,7 +27,7 @@ MiB = 1 << 20
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes-mib", default="1,4,16,64", help="object sizes in MiB, comma separated")
-    p.add_argument("--total", default="256MiB", help="bytes fetched per size and round")
+    p.add_argument("--total", default="512MiB", help="bytes fetched per size and round")
     p.add_argument("--repeats", type=int, default=3, help="keep the best of this many rounds")
     p.add_argument("--out", default="bench-out", help="directory for remote.json and remote.png")
 
@@ -72,8 +73,8 @@ def _raw_stream(src: np.ndarray, dst: np.ndarray, nbytes: int, count: int) -> fl
     s.sendall(b"g")
     for i in range(count):
         got = 0
-        while got < nbytes:
-            n = s.recv_into(dview[got:nbytes])
+        while got < nbytes:  # MSG_WAITALL: the kernel fills the whole object in one call, if it can
+            n = s.recv_into(dview[got:nbytes], nbytes - got, socket.MSG_WAITALL)
             if n == 0:
                 raise RuntimeError("raw stream closed early")
             got += n

@@ -210,6 +210,25 @@ class PinnedPool:
         return False
 
     # ---- introspection -----------------------------------------------------------------------
+    def oldest_unsaved(self, limit: int) -> list[bytes]:
+        """Up to `limit` keys of committed objects with no copy elsewhere yet (not persisted) and
+        no readers, least recently used first: what an eviction would lose first."""
+        with self._lock:
+            lrus = list(self._lru.values())
+            out: list[bytes] = []
+            for lru in lrus:
+                out += [k for k, s in lru.items() if not s.persisted and s.readers == 0][:limit]
+            return out[:limit]
+
+    def headroom_bytes(self) -> int:
+        """Bytes a writer can get without losing an object: never allocated, free slots, and
+        committed unread objects with a copy elsewhere (persisted)."""
+        with self._lock:
+            free = sum(len(slab.free) * slab.slot_nbytes for slabs in self._slabs.values() for slab in slabs)
+            clean = sum(s.slab.slot_nbytes for lru in self._lru.values() for s in lru.values()
+                        if s.persisted and s.readers == 0)
+            return self.capacity_bytes - self.allocated_bytes + free + clean
+
     def used_bytes(self) -> int:
         with self._lock:
             return sum(s.slab.slot_nbytes for s in self._entries.values())

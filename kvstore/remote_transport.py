@@ -1,7 +1,8 @@
-"""The remote DRAM tier's transport (G4, DESIGN.md §3): agent-to-agent object fetch.
+"""The remote DRAM tier's transport (G4, DESIGN.md §3): agent-to-agent object fetch and push.
 
-One small interface, Transport.fetch(address, keys, ...) -> per key ok/miss, with one
-implementation here: plain TCP with a fixed binary framing (threads, sendall straight from the
+One small interface, Transport.fetch(address, keys, ...) -> per key ok/miss and
+Transport.push(address, keys, ...) -> per key stored (spilling objects to a node the master
+placed them on), with one implementation here: plain TCP with a fixed binary framing (threads, sendall straight from the
 source's pool slots, recv_into straight into the destination's reserved slots). ucxx (the
 UCX binding the issue names for RDMA) is not installable on this machine, so TcpTransport is the
 only implementation; a UcxxTransport would implement the same fetch().
@@ -15,8 +16,16 @@ Wire (little-endian), many objects per request, pipelined in one reply stream:
   (bad token, malformed request, too many keys). A request that does not parse closes the
   connection. Every receive has a deadline that scales with the bytes expected
   (base + bytes / min_rate).
+Push, the other way (the sender's objects into the receiver's DRAM):
+  request = b"KVP1" | n u32 | nbytes u64 | fingerprint u64 | token_nbytes u16 | pad u16
+            | token | n * 16-byte keys | n * (checksum u64)
+  reply   = b"KVP1" | n u32 | status u32 | pad u32 | n * (accepted u8)   (a slot is reserved)
+  then the sender streams the payload of every accepted key, in request order, and the receiver
+  answers n * (stored u8): stored = the bytes arrived whole and match the sender's checksum.
 The destination verifies each object's checksum (against the master's index when it has one,
-else the source's) before it commits the slot: a mismatch or a broken stream is a miss.
+else the source's) before it commits the slot: a mismatch or a broken stream is a miss. The
+payload is received natively (C.recv_checksummed), each 1 MiB piece hashed as soon as it has
+arrived, while still in cache.
 """
 from __future__ import annotations
 
@@ -32,9 +41,11 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from ._native import C
+from .errors import TierIOError
 
 log = logging.getLogger(__name__)
 MAGIC = b"KVR1"
+PUSH_MAGIC = b"KVP1"
 _REQ = struct.Struct("<4sIQQHH")
 _REP = struct.Struct("<4sIII")
 KEY_NBYTES = 16
@@ -87,6 +98,15 @@ def _recv_into(sock: socket.socket, view: memoryview, deadline: float) -> None:
         if n == 0:
             raise FetchError("connection closed by the source")
         got += n
+
+
+def _recv_checksummed(sock: socket.socket, dst: np.ndarray, nbytes: int, deadline: float) -> int:
+    """Receives one object's payload into dst and returns its checksum, hashed piece by piece as
+    it arrives (native, GIL released)."""
+    try:
+        return C.recv_checksummed(sock.fileno(), dst, nbytes, max(0.0, deadline - time.monotonic()))
+    except TierIOError as e:
+        raise FetchError(str(e)) from e
 
 
 def _recv(sock: socket.socket, n: int, deadline: float) -> bytes:
@@ -175,9 +195,9 @@ class TcpTransport:
                     _recv_into(sock, memoryview(scratch), deadline)
                     continue
                 pending = i
-                _recv_into(sock, memoryview(dst)[:nbytes], deadline)
+                got_sum = _recv_checksummed(sock, dst, nbytes, deadline)
                 want = int(sums[i]) if expected is None else int(expected[i])
-                ok = C.checksum(dst, nbytes) == want
+                ok = got_sum == want
                 pending = None
                 if not ok:
                     self.stats.checksum_mismatches += 1
@@ -199,6 +219,51 @@ class TcpTransport:
             sock.close()
             return stored, False
 
+    def push(self, address: str, keys: Sequence[bytes], nbytes: int, fingerprint: int,
+             payloads: Sequence[np.ndarray], checksums: Sequence[int]) -> list[bool]:
+        """Sends objects (payloads[i] holds >= nbytes) to the node at address, which stores those
+        it has room for and whose bytes match checksums[i]. Per key: stored there. Never raises
+        for network failures (nothing stored, counted in stats.failures)."""
+        stored: list[bool] = []
+        for start in range(0, len(keys), MAX_KEYS):
+            end = start + MAX_KEYS
+            stored += self._push_part(address, list(keys[start:end]), nbytes, fingerprint, payloads[start:end],
+                                      checksums[start:end])
+        return stored
+
+    def _push_part(self, address, keys, nbytes, fingerprint, payloads, checksums) -> list[bool]:
+        n = len(keys)
+        deadline = time.monotonic() + timeout_for(n * nbytes)
+        try:
+            sock = self._connect(address)
+        except OSError as e:
+            self.stats.failures += 1
+            log.warning("remote push: cannot connect to %s: %s", address, e)
+            return [False] * n
+        try:
+            sums = np.asarray(checksums, dtype="<u8")
+            sock.sendall(_REQ.pack(PUSH_MAGIC, n, nbytes, fingerprint, len(self.token), 0) + self.token
+                         + b"".join(keys) + sums.tobytes())
+            magic, count, status, msg_len = _REP.unpack(_recv(sock, _REP.size, deadline))
+            if magic != PUSH_MAGIC:
+                raise FetchError(f"bad reply magic {magic!r}")
+            if status != ST_OK:
+                raise FetchError(f"receiver refused: {_recv(sock, min(msg_len, 4096), deadline).decode(errors='replace')}")
+            if count != n:
+                raise FetchError(f"reply counts {count} objects, sent {n}")
+            accepted = np.frombuffer(_recv(sock, n, deadline), dtype=np.uint8)
+            for i in range(n):
+                if accepted[i]:
+                    sock.sendall(memoryview(payloads[i])[:nbytes])
+            stored = np.frombuffer(_recv(sock, n, deadline), dtype=np.uint8)
+            self._keep(address, sock)
+            return [bool(x) for x in stored]
+        except (OSError, FetchError, struct.error) as e:
+            self.stats.failures += 1
+            log.warning("remote push to %s failed: %s", address, e)
+            sock.close()
+            return [False] * n
+
     def close(self) -> None:
         with self._lock:
             conns, self._conns = list(self._conns.values()), {}
@@ -213,6 +278,14 @@ class ObjectSource(Protocol):
     def release_remote(self, slot) -> None: ...
 
     def checksum_of(self, slot) -> int: ...
+
+    # push (optional: a source without these refuses pushes)
+    def reserve_incoming(self, key: bytes, nbytes: int, fingerprint: int):
+        """A writable slot (with .view) for a pushed object, or None (present already, no room)."""
+
+    def commit_incoming(self, slot, checksum: int) -> None: ...
+
+    def abort_incoming(self, slot) -> None: ...
 
 
 class TcpServer:
@@ -261,9 +334,42 @@ class TcpServer:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._serve, args=(conn,), name="kvstore-remote-conn", daemon=True).start()
 
-    def _refuse(self, conn: socket.socket, status: int, message: str) -> None:
+    def _refuse(self, conn: socket.socket, status: int, message: str, magic: bytes = MAGIC) -> None:
         msg = message.encode()
-        conn.sendall(_REP.pack(MAGIC, 0, status, len(msg)) + msg)
+        conn.sendall(_REP.pack(magic, 0, status, len(msg)) + msg)
+
+    def _accept(self, conn: socket.socket, keys: list[bytes], nbytes: int, fingerprint: int,
+                sums: list[int]) -> None:
+        """A push: reserve what fits, receive those payloads (hashed on arrival), commit the ones
+        whose checksum matches, abort the rest; answer per key."""
+        n = len(keys)
+        slots = []
+        for key in keys:
+            try:
+                slots.append(self.source.reserve_incoming(key, nbytes, fingerprint))
+            except Exception as e:  # no room, or a local error: not accepted
+                log.warning("remote push: cannot take %s: %s", key.hex(), e)
+                slots.append(None)
+        stored = np.zeros(n, dtype=np.uint8)
+        try:
+            conn.sendall(_REP.pack(PUSH_MAGIC, n, ST_OK, 0) + bytes(int(s is not None) for s in slots))
+            deadline = time.monotonic() + timeout_for(sum(s is not None for s in slots) * nbytes)
+            for i, slot in enumerate(slots):
+                if slot is None:
+                    continue
+                got = _recv_checksummed(conn, slot.view, nbytes, deadline)
+                slots[i] = None
+                if got == sums[i]:
+                    self.source.commit_incoming(slot, got)
+                    stored[i] = 1
+                else:
+                    log.warning("remote push: checksum mismatch on %s: not stored", keys[i].hex())
+                    self.source.abort_incoming(slot)
+            conn.sendall(stored.tobytes())
+        finally:
+            for slot in slots:
+                if slot is not None:
+                    self.source.abort_incoming(slot)
 
     def _serve(self, conn: socket.socket) -> None:
         try:
@@ -273,17 +379,25 @@ class TcpServer:
                 except FetchError:
                     return
                 magic, n, nbytes, fingerprint, token_len, _ = _REQ.unpack(head)
-                if magic != MAGIC or token_len > MAX_TOKEN:
+                if magic not in (MAGIC, PUSH_MAGIC) or token_len > MAX_TOKEN:
                     return self._refuse(conn, ST_INVALID, "malformed request header")
+                push = magic == PUSH_MAGIC
                 deadline = time.monotonic() + BASE_TIMEOUT_S
                 token = _recv(conn, token_len, deadline) if token_len else b""
                 if self.token and not hmac.compare_digest(token, self.token):
-                    return self._refuse(conn, ST_UNAUTHENTICATED, "missing or wrong token")
+                    return self._refuse(conn, ST_UNAUTHENTICATED, "missing or wrong token", magic)
                 if n > MAX_KEYS or nbytes == 0 or nbytes > (1 << 40):
-                    return self._refuse(conn, ST_INVALID, f"bad request: {n} keys (max {MAX_KEYS}), nbytes {nbytes}")
+                    return self._refuse(conn, ST_INVALID, f"bad request: {n} keys (max {MAX_KEYS}), nbytes {nbytes}",
+                                        magic)
+                if push and not hasattr(self.source, "reserve_incoming"):
+                    return self._refuse(conn, ST_INVALID, "this node does not accept pushed objects", magic)
                 raw = _recv(conn, n * KEY_NBYTES, deadline)
                 keys = [raw[i:i + KEY_NBYTES] for i in range(0, len(raw), KEY_NBYTES)]
-                self._answer(conn, keys, nbytes, fingerprint)
+                if push:
+                    sums = np.frombuffer(_recv(conn, 8 * n, deadline), dtype="<u8")
+                    self._accept(conn, keys, nbytes, fingerprint, [int(x) for x in sums])
+                else:
+                    self._answer(conn, keys, nbytes, fingerprint)
         except (OSError, FetchError):
             pass
         finally:

@@ -253,6 +253,25 @@ def test_source_killed_mid_fetch_gives_a_miss_or_a_retry_never_wrong_bytes(clust
         assert read_objects(sb, keys, 100) == result["n"]
 
 
+def test_a_full_dram_only_node_spills_where_the_master_places_and_loses_nothing(cluster):
+    # A (no SSD) holds 8 objects of 256 KiB; 16 are written to it, two at a time. Without spills
+    # its evictions would lose the oldest 8. A pushes its least recently used objects to the node
+    # the master places them on (B), keeps its headroom clean, and every object still loads
+    # bit-exact through A (remote hits from B). Placement order itself: test_master.py.
+    master, (a, b) = cluster(("a", {"dram": "2MiB"}), ("b", {"dram": "16MiB"}))
+    keys = [bytes([i]) * 16 for i in range(1, 17)]
+    with a.store() as sa:
+        for i in range(0, 16, 2):
+            assert all(fill_objects(sa, keys[i:i + 2], 300 + i))
+            time.sleep(0.5)  # the spiller checks every 0.2 s
+    wait_until(lambda: a.status()["cluster"]["spilled_objects"] >= 8, what="A's spills")
+    assert b.status()["counters"].get("received_spills", 0) >= 8
+    with a.store() as sa:
+        for i in range(0, 16, 2):
+            assert read_objects(sa, keys[i:i + 2], 300 + i) == 2, f"objects {i}, {i + 1} lost"
+    assert a.status()["counters"].get("hits.remote", 0) >= 8
+
+
 def test_master_restart_resyncs_agents_and_drops_unconfirmed_entries(cluster, tmp_path):
     master, (a, b) = cluster(("a", {}), ("b", {}))
     keys = [bytes([i]) * 16 for i in range(1, 9)]
