@@ -111,6 +111,24 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("fd"), py::arg("buffer"), py::arg("nbytes"), py::arg("timeout_s"),
         "Receives exactly nbytes from socket fd into buffer, hashing each piece as it arrives; returns "
         "checksum(buffer, nbytes). TierIOError on timeout, early close or socket error.");
+  m.def("recv_objects_checksummed", [](int fd, const PtrArray& dsts, int64_t nbytes, double timeout_s) {
+    KV_CHECK_ARG(fd >= 0 && nbytes > 0 && timeout_s >= 0, "recv_objects_checksummed: bad arguments");
+    for (py::ssize_t i = 0; i < dsts.size(); ++i) KV_CHECK_ARG(dsts.at(i) != 0, "recv_objects_checksummed: null pointer");
+    py::array_t<uint64_t> sums(dsts.size());
+    uint64_t* out = sums.mutable_data();
+    const uint64_t* d = dsts.data();
+    const int64_t n = dsts.size();
+    std::string error;
+    int64_t done;
+    {
+      py::gil_scoped_release nogil;
+      done = recv_objects_checksummed(fd, d, n, nbytes, timeout_s, out, &error);
+    }
+    return py::make_tuple(done, sums, error);
+  }, py::arg("fd"), py::arg("dsts"), py::arg("nbytes"), py::arg("timeout_s"),
+        "Receives len(dsts) objects of nbytes back to back into the memory at dsts (uint64 addresses the "
+        "caller keeps alive, each >= nbytes), hashing each piece as it arrives. Returns (received whole, "
+        "checksums, why it stopped early or '').");
 
   m.def("host_alloc", [](size_t nbytes, bool pin) {
     HostAllocation a;

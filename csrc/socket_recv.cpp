@@ -53,4 +53,20 @@ uint64_t recv_checksummed(int fd, void* dst, int64_t nbytes, double timeout_s) {
   return combine_digests(digests);
 }
 
+int64_t recv_objects_checksummed(int fd, const uint64_t* dsts, int64_t count, int64_t nbytes, double timeout_s,
+                                 uint64_t* checksums, std::string* error) {
+  using clock = std::chrono::steady_clock;
+  const auto start = clock::now();
+  for (int64_t i = 0; i < count; ++i) {
+    const double left = timeout_s - std::chrono::duration<double>(clock::now() - start).count();
+    try {
+      checksums[i] = recv_checksummed(fd, reinterpret_cast<void*>(dsts[i]), nbytes, std::max(0.0, left));
+    } catch (const IoError& e) {
+      *error = e.what();
+      return i;
+    }
+  }
+  return count;
+}
+
 }  // namespace kvstore

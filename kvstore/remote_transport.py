@@ -23,9 +23,9 @@ Push, the other way (the sender's objects into the receiver's DRAM):
   then the sender streams the payload of every accepted key, in request order, and the receiver
   answers n * (stored u8): stored = the bytes arrived whole and match the sender's checksum.
 The destination verifies each object's checksum (against the master's index when it has one,
-else the source's) before it commits the slot: a mismatch or a broken stream is a miss. The
-payload is received natively (C.recv_checksummed), each 1 MiB piece hashed as soon as it has
-arrived, while still in cache.
+else the source's) before it commits the slot: a mismatch or a broken stream is a miss. All
+payloads of a reply are received in one native call (C.recv_objects_checksummed, GIL released),
+each 1 MiB piece hashed as soon as it has arrived, while still in cache.
 """
 from __future__ import annotations
 
@@ -170,8 +170,8 @@ class TcpTransport:
             log.warning("remote fetch: cannot connect to %s: %s", address, e)
             return 0, False
         stored = 0
-        pending: int | None = None  # index reserved but not finished (the stream broke in its payload)
-        done = 0
+        pending: list[int] = []  # indices reserved and not finished yet (the stream broke first)
+        done = counted = 0
         try:
             sock.sendall(_REQ.pack(MAGIC, n, nbytes, fingerprint, len(self.token), 0) + self.token + b"".join(keys))
             magic, count, status, msg_len = _REP.unpack(_recv(sock, _REP.size, deadline))
@@ -183,23 +183,34 @@ class TcpTransport:
                 raise FetchError(f"reply counts {count} objects, asked {n}")
             states = np.frombuffer(_recv(sock, n, deadline), dtype=np.uint8)
             sums = np.frombuffer(_recv(sock, 8 * n, deadline), dtype="<u8")
+            present = np.flatnonzero(states == 1).tolist()
+            self.stats.misses += n - len(present)
+            counted = n - len(present)  # misses counted so far
+            # Every destination first (what the caller declines lands in a scratch buffer), then
+            # all payloads in one native call: no Python between objects.
             scratch = None
-            for i in range(n):
-                if states[i] != 1:
-                    self.stats.misses += 1
-                    continue
+            dsts = []
+            for i in present:
                 dst = reserve(i)
                 if dst is None:
                     if scratch is None:
                         scratch = np.empty(nbytes, dtype=np.uint8)
-                    _recv_into(sock, memoryview(scratch), deadline)
+                    dst = scratch
+                else:
+                    if dst.nbytes < nbytes or not dst.flags.c_contiguous or not dst.flags.writeable:
+                        raise ValueError("reserve() must return a writable contiguous array of >= nbytes")
+                    pending.append(i)
+                dsts.append(dst)
+            got, got_sums, error = C.recv_objects_checksummed(
+                sock.fileno(), np.array([d.ctypes.data for d in dsts], dtype=np.uint64), nbytes,
+                max(0.0, deadline - time.monotonic()))
+            for j, i in enumerate(present):
+                if dsts[j] is scratch:
                     continue
-                pending = i
-                got_sum = _recv_checksummed(sock, dst, nbytes, deadline)
+                pending.remove(i)
                 want = int(sums[i]) if expected is None else int(expected[i])
-                ok = got_sum == want
-                pending = None
-                if not ok:
+                ok = j < got and int(got_sums[j]) == want
+                if j < got and not ok:
                     self.stats.checksum_mismatches += 1
                     log.warning("remote fetch from %s: checksum mismatch on %s: a miss", address, keys[i].hex())
                 finish(i, ok)
@@ -207,14 +218,16 @@ class TcpTransport:
                     stored += 1
                     self.stats.objects += 1
                     self.stats.bytes += nbytes
+            if got < len(present):
+                raise FetchError(error)
             done = n
             self._keep(address, sock)
             return stored, True
         except (OSError, FetchError, struct.error) as e:
-            if pending is not None:
-                finish(pending, False)
+            for i in pending:
+                finish(i, False)
             self.stats.failures += 1
-            self.stats.misses += max(0, n - done - stored)
+            self.stats.misses += max(0, n - done - stored - counted)
             log.warning("remote fetch from %s failed after %d objects: %s", address, stored, e)
             sock.close()
             return stored, False

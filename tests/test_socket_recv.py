@@ -74,3 +74,26 @@ def test_bad_arguments():
     finally:
         a.close()
         b.close()
+
+
+def test_many_objects_in_one_call_and_a_short_stream():
+    a, b = socket.socketpair()
+    try:
+        n, nbytes = 5, (1 << 20) + 333
+        objs = [np.random.default_rng(i).integers(1, 256, nbytes, dtype=np.uint8) for i in range(n)]
+        dsts = [np.full(nbytes, 0xEE, dtype=np.uint8) for _ in range(n)]
+        ptrs = np.array([d.ctypes.data for d in dsts], dtype=np.uint64)
+        t = _send_later(a, b"".join(o.tobytes() for o in objs), close=False)
+        got, sums, error = C.recv_objects_checksummed(b.fileno(), ptrs, nbytes, 10.0)
+        t.join()
+        assert (got, error) == (n, "")
+        assert list(sums) == [C.checksum(o, nbytes) for o in objs]
+        assert all(np.array_equal(d, o) for d, o in zip(dsts, objs))
+        # the stream ends inside object 3: two whole objects, and why it stopped
+        t = _send_later(a, b"".join(o.tobytes() for o in objs[:2]) + objs[2].tobytes()[:1000], close=True)
+        got, sums, error = C.recv_objects_checksummed(b.fileno(), ptrs, nbytes, 10.0)
+        t.join()
+        assert got == 2 and "closed by the source" in error
+        assert list(sums[:2]) == [C.checksum(o, nbytes) for o in objs[:2]]
+    finally:
+        b.close()
