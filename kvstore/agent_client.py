@@ -235,11 +235,13 @@ class AgentClient:
             cmd = [sys.executable, "-m", "kvstore.agent", "--socket", self.socket_path]
             cfg = self._agent_config or Config()
             for key in Config.keys():
-                if not key.startswith("agent"):
+                if not key.startswith("agent") and key != "master_token":
                     value = getattr(cfg, key)
                     cmd += ["--set", f"{key}={'none' if value is None else value}"]
             log_path = self.socket_path + ".log"
             env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
+            if cfg.master_token:  # through the environment: any user can read a command line (ps)
+                env["KVSTORE_MASTER_TOKEN"] = cfg.master_token
             with open(log_path, "ab") as log_file:
                 proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                                         start_new_session=True, close_fds=True, env=env)

@@ -472,3 +472,23 @@ def test_save_session_whose_agent_died_before_the_commit_reports_failure(tmp_pat
         store.close()
     finally:
         agent.stop()
+
+
+def test_auto_start_hands_the_master_token_over_by_environment_not_command_line(tmp_path, monkeypatch):
+    from kvstore import agent_client
+    seen = {}
+
+    class Started(Exception):
+        pass
+
+    def popen(cmd, **kw):
+        seen["cmd"], seen["env"] = cmd, kw["env"]
+        raise Started
+
+    monkeypatch.setattr(agent_client.subprocess, "Popen", popen)
+    with pytest.raises(Started):
+        kvstore.Store(agent=f"auto://{tmp_path / 'a.sock'}", chunk_tokens=CHUNK, master="127.0.0.1:1",
+                      master_token="s3cret-token")
+    assert not any("s3cret" in arg for arg in seen["cmd"])  # `ps` shows every process's arguments
+    assert seen["env"]["KVSTORE_MASTER_TOKEN"] == "s3cret-token"
+    assert "--set" in seen["cmd"] and "master=127.0.0.1:1" in seen["cmd"]
