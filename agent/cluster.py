@@ -208,7 +208,11 @@ class ClusterLink:
             for s in slots:
                 by_size.setdefault((s.nbytes, s.fingerprint), []).append(s)
             for (nbytes, fingerprint), group in by_size.items():
-                targets = self.master.place(self.node_id, nbytes, len(group), exclude_writer=True)
+                try:
+                    targets = self.master.place(self.node_id, nbytes, len(group), exclude_writer=True)
+                except MasterError as e:  # a spill can wait; the report loop handles the master's health
+                    log.warning("spill: placement failed: %s", e)
+                    targets = []
                 if not targets:
                     self._spill_backoff_until = time.monotonic() + 1.0  # no node has room: retry later
                     log.info("spill: no live node has room for %d objects of %d bytes", len(group), nbytes)
@@ -231,10 +235,12 @@ class ClusterLink:
                 dram.release(s)
 
     # ---- taking pushed objects (TcpServer) -----------------------------------------------------
+    def holds(self, key: bytes) -> bool:
+        return self.core.dram.contains(key) or (self.core.ssd is not None and self.core.ssd.contains(key))
+
     def reserve_incoming(self, key: bytes, nbytes: int, fingerprint: int):
         dram = self.core.dram
-        if (self.core.ssd is not None and self.core.ssd.contains(key)) or (
-                dram.used_bytes() + nbytes > SPILL_ACCEPT_MAX * dram.capacity_bytes):
+        if dram.used_bytes() + nbytes > SPILL_ACCEPT_MAX * dram.capacity_bytes:
             return None
         try:
             return dram.reserve(key, nbytes, fingerprint)  # None: present already

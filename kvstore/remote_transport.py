@@ -19,9 +19,11 @@ Wire (little-endian), many objects per request, pipelined in one reply stream:
 Push, the other way (the sender's objects into the receiver's DRAM):
   request = b"KVP1" | n u32 | nbytes u64 | fingerprint u64 | token_nbytes u16 | pad u16
             | token | n * 16-byte keys | n * (checksum u64)
-  reply   = b"KVP1" | n u32 | status u32 | pad u32 | n * (accepted u8)   (a slot is reserved)
-  then the sender streams the payload of every accepted key, in request order, and the receiver
-  answers n * (stored u8): stored = the bytes arrived whole and match the sender's checksum.
+  reply   = b"KVP1" | n u32 | status u32 | pad u32 | n * (state u8)
+            state 1 = a slot is reserved: send it; 2 = held there already; 0 = refused (no room)
+  then the sender streams the payload of every key in state 1, in request order, and the receiver
+  answers n * (stored u8): stored = the bytes arrived whole and match the sender's checksum, or
+  the receiver held the key already.
 The destination verifies each object's checksum (against the master's index when it has one,
 else the source's) before it commits the slot: a mismatch or a broken stream is a miss. All
 payloads of a reply are received in one native call (C.recv_objects_checksummed, GIL released),
@@ -266,7 +268,7 @@ class TcpTransport:
                 raise FetchError(f"reply counts {count} objects, sent {n}")
             accepted = np.frombuffer(_recv(sock, n, deadline), dtype=np.uint8)
             for i in range(n):
-                if accepted[i]:
+                if accepted[i] == 1:
                     sock.sendall(memoryview(payloads[i])[:nbytes])
             stored = np.frombuffer(_recv(sock, n, deadline), dtype=np.uint8)
             self._keep(address, sock)
@@ -293,8 +295,11 @@ class ObjectSource(Protocol):
     def checksum_of(self, slot) -> int: ...
 
     # push (optional: a source without these refuses pushes)
+    def holds(self, key: bytes) -> bool:
+        """The node has this object already (any tier): a push of it is a success without bytes."""
+
     def reserve_incoming(self, key: bytes, nbytes: int, fingerprint: int):
-        """A writable slot (with .view) for a pushed object, or None (present already, no room)."""
+        """A writable slot (with .view) for a pushed object, or None (no room, or being written)."""
 
     def commit_incoming(self, slot, checksum: int) -> None: ...
 
@@ -357,15 +362,21 @@ class TcpServer:
         whose checksum matches, abort the rest; answer per key."""
         n = len(keys)
         slots = []
-        for key in keys:
+        states = np.zeros(n, dtype=np.uint8)
+        for i, key in enumerate(keys):
+            slot = None
             try:
-                slots.append(self.source.reserve_incoming(key, nbytes, fingerprint))
-            except Exception as e:  # no room, or a local error: not accepted
+                if self.source.holds(key):
+                    states[i] = 2
+                else:
+                    slot = self.source.reserve_incoming(key, nbytes, fingerprint)
+                    states[i] = slot is not None
+            except Exception as e:  # a local error: not accepted
                 log.warning("remote push: cannot take %s: %s", key.hex(), e)
-                slots.append(None)
-        stored = np.zeros(n, dtype=np.uint8)
+            slots.append(slot)
+        stored = (states == 2).astype(np.uint8)
         try:
-            conn.sendall(_REP.pack(PUSH_MAGIC, n, ST_OK, 0) + bytes(int(s is not None) for s in slots))
+            conn.sendall(_REP.pack(PUSH_MAGIC, n, ST_OK, 0) + states.tobytes())
             deadline = time.monotonic() + timeout_for(sum(s is not None for s in slots) * nbytes)
             for i, slot in enumerate(slots):
                 if slot is None:

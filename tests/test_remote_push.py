@@ -1,7 +1,7 @@
 """The remote tier's push (spill) protocol on loopback, one process: TcpTransport.push into a
 TcpServer whose source takes objects into real pinned-pool slots. Stored bit-exact when the
-checksum matches; a wrong checksum, a full receiver, a key already present and a wrong token
-store nothing and leave no reserved slot behind."""
+checksum matches; a key the receiver holds already counts as stored without its bytes; a wrong
+checksum and a wrong token store nothing and leave no reserved slot behind."""
 from __future__ import annotations
 
 import numpy as np
@@ -29,6 +29,9 @@ class PoolSource:
 
     def checksum_of(self, slot):
         return 0
+
+    def holds(self, key):
+        return self.pool.contains(key)
 
     def reserve_incoming(self, key, nbytes, fingerprint):
         return self.pool.reserve(key, nbytes, fingerprint)
@@ -70,10 +73,10 @@ def test_push_stores_bit_exact_and_refuses_what_it_cannot_take(receiver):
                 continue
             assert np.array_equal(slot.payload, d) and slot.fingerprint == 9
             source.pool.release(slot)
-        # already present (and one new): only the new one is stored
+        # already held there (and one new): a success without sending its bytes again
         more = payloads(1, 2)
         assert t.push(server.address, [keys[0], b"n" * 16], NBYTES, 9, [data[0], more[0]],
-                      [sums[0], C.checksum(more[0], NBYTES)]) == [False, True]
+                      [sums[0], C.checksum(more[0], NBYTES)]) == [True, True]
     finally:
         t.close()
     assert source.committed == keys[:3] + keys[4:] + [b"n" * 16]
