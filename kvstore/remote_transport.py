@@ -148,6 +148,19 @@ class TcpTransport:
         if old is not None:
             old.close()
 
+    def _request(self, sock: socket.socket, magic: bytes, n: int, nbytes: int, fingerprint: int, body: bytes,
+                 deadline: float) -> None:
+        """Sends one request (header, token, body) and reads the reply's header; FetchError
+        unless the peer answered OK for the same n objects."""
+        sock.sendall(_REQ.pack(magic, n, nbytes, fingerprint, len(self.token), 0) + self.token + body)
+        got_magic, count, status, msg_len = _REP.unpack(_recv(sock, _REP.size, deadline))
+        if got_magic != magic:
+            raise FetchError(f"bad reply magic {got_magic!r}")
+        if status != ST_OK:
+            raise FetchError(f"peer refused: {_recv(sock, min(msg_len, 4096), deadline).decode(errors='replace')}")
+        if count != n:
+            raise FetchError(f"reply counts {count} objects for a request of {n}")
+
     def fetch(self, address, keys, nbytes, fingerprint, reserve, finish, expected=None) -> int:
         stored = 0
         for start in range(0, len(keys), MAX_KEYS):
@@ -175,14 +188,7 @@ class TcpTransport:
         pending: list[int] = []  # indices reserved and not finished yet (the stream broke first)
         done = counted = 0
         try:
-            sock.sendall(_REQ.pack(MAGIC, n, nbytes, fingerprint, len(self.token), 0) + self.token + b"".join(keys))
-            magic, count, status, msg_len = _REP.unpack(_recv(sock, _REP.size, deadline))
-            if magic != MAGIC:
-                raise FetchError(f"bad reply magic {magic!r}")
-            if status != ST_OK:
-                raise FetchError(f"source refused: {_recv(sock, min(msg_len, 4096), deadline).decode(errors='replace')}")
-            if count != n:
-                raise FetchError(f"reply counts {count} objects, asked {n}")
+            self._request(sock, MAGIC, n, nbytes, fingerprint, b"".join(keys), deadline)
             states = np.frombuffer(_recv(sock, n, deadline), dtype=np.uint8)
             sums = np.frombuffer(_recv(sock, 8 * n, deadline), dtype="<u8")
             present = np.flatnonzero(states == 1).tolist()
@@ -257,15 +263,7 @@ class TcpTransport:
             return [False] * n
         try:
             sums = np.asarray(checksums, dtype="<u8")
-            sock.sendall(_REQ.pack(PUSH_MAGIC, n, nbytes, fingerprint, len(self.token), 0) + self.token
-                         + b"".join(keys) + sums.tobytes())
-            magic, count, status, msg_len = _REP.unpack(_recv(sock, _REP.size, deadline))
-            if magic != PUSH_MAGIC:
-                raise FetchError(f"bad reply magic {magic!r}")
-            if status != ST_OK:
-                raise FetchError(f"receiver refused: {_recv(sock, min(msg_len, 4096), deadline).decode(errors='replace')}")
-            if count != n:
-                raise FetchError(f"reply counts {count} objects, sent {n}")
+            self._request(sock, PUSH_MAGIC, n, nbytes, fingerprint, b"".join(keys) + sums.tobytes(), deadline)
             accepted = np.frombuffer(_recv(sock, n, deadline), dtype=np.uint8)
             for i in range(n):
                 if accepted[i] == 1:
