@@ -7,8 +7,6 @@ import json
 from kvstore.agent_client import AgentClient, default_socket_path, parse_address
 from kvstore.config import Config
 
-from . import protocol as P
-
 
 def _gib(n: int) -> str:
     return f"{n / (1 << 30):.2f} GiB"
@@ -43,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         path = parse_address(agent)[0] if agent else default_socket_path()
     client = AgentClient(path, timeout_s=args.timeout_s, name="kvstore-status")
     try:
-        status = json.loads(client.request(P.Op.STATUS))
+        status = client.status()
     finally:
         client.close()
     print(json.dumps(status, indent=2) if args.json else format_status(status))

@@ -17,6 +17,7 @@ Thread-safe: one lock serialises requests on the one socket.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import socket
@@ -96,6 +97,10 @@ class AgentClient:
             # of it gets UNKNOWN_KEY / UNKNOWN_LEASE rather than acting twice.
             self._ensure_connected()
             return self._exchange(op, body)
+
+    def status(self) -> dict:
+        """The agent's STATUS (occupancy, tiers, clients, counters, cluster link) as a dict."""
+        return json.loads(self.request(P.Op.STATUS))
 
     def _exchange(self, op: P.Op, body: bytes, with_fd: bool = False) -> bytes | tuple[bytes, list[int]]:
         self._request_id = (self._request_id + 1) & 0xFFFFFFFF

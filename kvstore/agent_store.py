@@ -14,7 +14,6 @@ reconnects. stats() / flush() / evict() raise AgentUnavailableError instead.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import logging
 import threading
 import time
@@ -312,7 +311,7 @@ class AgentStore:
         return P.decode_u64(self.client.request(P.Op.EVICT))
 
     def agent_status(self) -> dict:
-        return json.loads(self.client.request(P.Op.STATUS))
+        return self.client.status()
 
     def stats(self) -> dict:
         status = self.agent_status()

@@ -2,7 +2,6 @@
 as subprocesses, SIGKILL / SIGSTOP / SIGTERM faults, malformed frames over a raw socket."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -78,7 +77,7 @@ class Agent:
     def status(self) -> dict:
         client = AgentClient(self.socket, timeout_s=5)
         try:
-            return json.loads(client.request(P.Op.STATUS))
+            return client.status()
         finally:
             client.close()
 

@@ -113,10 +113,9 @@ class Node(_Service):
                              ssd_path=None)
 
     def status(self) -> dict:
-        import json
         c = AgentClient(self.socket, timeout_s=5)
         try:
-            return json.loads(c.request(P.Op.STATUS))
+            return c.status()
         finally:
             c.close()
 
