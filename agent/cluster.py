@@ -200,8 +200,9 @@ class ClusterLink:
         if self.core.ssd is not None or time.monotonic() < self._spill_backoff_until:
             return
         self._spill_backoff_until = time.monotonic() + SPILL_CHECK_S
-        if dram.headroom_bytes() >= SPILL_HEADROOM * dram.capacity_bytes:
-            return
+        wanted = SPILL_HEADROOM * dram.capacity_bytes
+        if dram.capacity_bytes - dram.used_bytes() >= wanted or dram.headroom_bytes() >= wanted:
+            return  # the free bytes alone suffice (O(1)); else count the clean objects too
         slots = [s for s in (dram.acquire(k) for k in dram.oldest_unsaved(SPILL_BATCH)) if s is not None]
         try:
             by_size: dict[tuple[int, int], list] = {}

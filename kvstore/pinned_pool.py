@@ -73,6 +73,7 @@ class PinnedPool:
         self._slabs: dict[int, list[_Slab]] = {}             # slot_nbytes -> slabs
         self._entries: dict[bytes, Slot] = {}                # writing and committed
         self._lru: dict[int, OrderedDict[bytes, Slot]] = {}  # slot_nbytes -> committed, LRU first
+        self._used_bytes = 0  # slot bytes of _entries, kept as they come and go (read on hot paths)
         self.allocated_bytes = 0
         self.pinned = False
 
@@ -92,6 +93,7 @@ class PinnedPool:
             offset = index * slot_nbytes
             slot = Slot(key, nbytes, slab.memory[offset:offset + slot_nbytes], slab, index, fingerprint)
             self._entries[key] = slot
+            self._used_bytes += slot_nbytes
             return slot
 
     def commit(self, slot: Slot, *, persisted: bool = False) -> None:
@@ -105,6 +107,7 @@ class PinnedPool:
         with self._lock:
             assert self._entries.get(slot.key) is slot and not slot.committed, "abort of a slot not reserved"
             del self._entries[slot.key]
+            self._used_bytes -= slot.slab.slot_nbytes
             slot.slab.free.append(slot.index)
 
     # ---- readers -----------------------------------------------------------------------------
@@ -158,6 +161,7 @@ class PinnedPool:
     def _evict(self, slot: Slot) -> None:
         del self._lru[slot.slab.slot_nbytes][slot.key]
         del self._entries[slot.key]
+        self._used_bytes -= slot.slab.slot_nbytes
         slot.slab.free.append(slot.index)
 
     def _take_free_slot(self, slot_nbytes: int) -> tuple[_Slab, int]:
@@ -221,17 +225,15 @@ class PinnedPool:
             return out[:limit]
 
     def headroom_bytes(self) -> int:
-        """Bytes a writer can get without losing an object: never allocated, free slots, and
-        committed unread objects with a copy elsewhere (persisted)."""
+        """Bytes a writer can get without losing an object: everything not in use (never
+        allocated or a free slot) plus committed unread objects with a copy elsewhere (persisted)."""
         with self._lock:
-            free = sum(len(slab.free) * slab.slot_nbytes for slabs in self._slabs.values() for slab in slabs)
             clean = sum(s.slab.slot_nbytes for lru in self._lru.values() for s in lru.values()
                         if s.persisted and s.readers == 0)
-            return self.capacity_bytes - self.allocated_bytes + free + clean
+            return self.capacity_bytes - self._used_bytes + clean
 
     def used_bytes(self) -> int:
-        with self._lock:
-            return sum(s.slab.slot_nbytes for s in self._entries.values())
+        return self._used_bytes
 
     def __len__(self) -> int:
         with self._lock:

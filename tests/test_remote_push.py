@@ -108,3 +108,9 @@ def test_headroom_counts_free_and_clean_bytes_and_oldest_unsaved_is_lru_first():
     assert pool.headroom_bytes() == 8192
     pool.release(r)
     assert pool.oldest_unsaved(1) == [slots[2].key]
+    # used_bytes is a running count: it agrees with the entries through reserve, abort and evict
+    spare = pool.reserve(b"x" * 16, 8000)  # evicts the persisted object to make room
+    assert pool.used_bytes() == sum(e.slab.slot_nbytes for e in pool._entries.values()) == 4 * 8192
+    pool.abort(spare)
+    assert pool.used_bytes() == sum(e.slab.slot_nbytes for e in pool._entries.values()) == 3 * 8192
+    assert pool.evict_all() == 3 and pool.used_bytes() == 0
