@@ -110,15 +110,18 @@ class AgentCore:
             self._clients.pop(client.client_id, None)
 
     # ---- queries -----------------------------------------------------------------------------
-    def lookup(self, keys: list[bytes]) -> np.ndarray:
+    def lookup(self, keys: list[bytes], writing: bool = False) -> np.ndarray:
         """Per key 0 (miss), 1 (DRAM), 2 (SSD) or 3 (another node, per the master: the leading
-        run after the first local miss that a peer holds); pins nothing."""
+        run after the first local miss that a peer holds); with `writing`, 4 for a key a save
+        is still writing into DRAM. Pins nothing."""
         out = np.zeros(len(keys), dtype=np.uint8)
         for i, key in enumerate(keys):
             if self.dram.contains(key):
                 out[i] = 1
             elif self.ssd is not None and self.ssd.contains(key):
                 out[i] = 2
+            elif writing and self.dram.is_writing(key):
+                out[i] = 4
         misses = np.flatnonzero(out == 0)
         if self.cluster is not None and len(misses):
             first = int(misses[0])

@@ -14,6 +14,8 @@ Request bodies (n = key count, keys = n * 16 bytes):
     HELLO        pid u32 | name (UTF-8, <= 64 bytes)      -> PoolInfo; the pool's fd rides along
                                                              as SCM_RIGHTS ancillary data
     LOOKUP       n u32 | keys                             -> n u8: 0 miss, 1 DRAM, 2 SSD (pins nothing)
+    LOOKUP_WRITING  n u32 | keys                          -> as LOOKUP, and 4: being written (a save
+                                                             in progress; a later LOOKUP may hit)
     BEGIN_READ   nbytes u64 | fingerprint u64 | n | keys  -> lease u64 | Slots (pinned until END_READ)
     END_READ     lease u64                                -> empty
     BEGIN_WRITE  nbytes u64 | fingerprint u64 | n | keys  -> Slots (RESERVED slots belong to the caller)
@@ -63,6 +65,7 @@ class Op(IntEnum):
     STATUS = 8
     FLUSH = 9
     EVICT = 10
+    LOOKUP_WRITING = 11
 
 
 class Status(IntEnum):

@@ -196,8 +196,8 @@ class AgentServer:
             f = core.file
             info = P.POOL_INFO.pack(f.instance_id, f.file_nbytes, f.gen_offset, f.data_offset, f.data_nbytes)
             return info, [f.fd]
-        if op == P.Op.LOOKUP:
-            return core.lookup(P.decode_keys(body)).tobytes(), []
+        if op in (P.Op.LOOKUP, P.Op.LOOKUP_WRITING):
+            return core.lookup(P.decode_keys(body), writing=op == P.Op.LOOKUP_WRITING).tobytes(), []
         if op == P.Op.BEGIN_READ:
             nbytes, fingerprint, keys = P.decode_sized_keys(body)
             lease, slots = core.begin_read(client, nbytes, fingerprint, keys)

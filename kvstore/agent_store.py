@@ -65,24 +65,32 @@ class AgentStore:
                 self._degraded("connect", e)
 
     # ---- queries -----------------------------------------------------------------------------
-    def lookup(self, keys: Sequence[bytes]) -> int:
-        """Length of the leading run of keys present in the agent's DRAM or SSD (pins nothing)."""
+    def lookup(self, keys: Sequence[bytes], wait_s: float = 0.0) -> int:
+        """Length of the leading run of keys present in the agent's DRAM or SSD (pins nothing).
+        wait_s > 0: while the run stops at a key a save is still writing, asks again (polling,
+        so the connection stays free for that save's COMMIT), at most wait_s in all."""
         self._check_open()
         keys = check_keys(keys)
         if not keys:
             return 0
         start = time.perf_counter()
-        n = 0
+        deadline = time.monotonic() + wait_s
+        op = P.Op.LOOKUP_WRITING if wait_s > 0 else P.Op.LOOKUP
+        n, pause = 0, 2e-4
         try:
-            for i in range(0, len(keys), P.MAX_KEYS):
-                part = keys[i:i + P.MAX_KEYS]
-                hits = np.frombuffer(self.client.request(P.Op.LOOKUP, P.encode_keys(part)), dtype=np.uint8)
-                if len(hits) != len(part):
-                    raise P.ProtocolError(f"LOOKUP answered {len(hits)} of {len(part)} keys")
-                misses = np.flatnonzero(hits == 0)
-                n += int(misses[0]) if len(misses) else len(part)
-                if len(misses):
+            while n < len(keys):
+                part = keys[n:n + P.MAX_KEYS]
+                states = np.frombuffer(self.client.request(op, P.encode_keys(part)), dtype=np.uint8)
+                if len(states) != len(part):
+                    raise P.ProtocolError(f"LOOKUP answered {len(states)} of {len(part)} keys")
+                stops = np.flatnonzero((states == 0) | (states == 4))
+                n += int(stops[0]) if len(stops) else len(part)
+                if not len(stops):
+                    continue
+                if states[stops[0]] == 0 or time.monotonic() + pause > deadline:
                     break
+                time.sleep(pause)  # key n is being written: ask again from it
+                pause = min(2 * pause, 2e-3)
         except P.AgentUnavailableError as e:
             self._degraded("lookup", e)
             return 0
@@ -272,12 +280,12 @@ class AgentStore:
         return loaded
 
     # ---- layer-wise sessions (the vLLM connector) ---------------------------------------------
-    def begin_load(self, keys: Sequence[bytes], layout: KVLayout, block_ids, layer_events=None):
+    def begin_load(self, keys: Sequence[bytes], layout: KVLayout, block_ids, layer_events=None, after_events=()):
         """Store.begin_load over the agent: one BEGIN_READ for the batch, then LoadSession."""
         from .sessions import LoadSession
         keys, ids, bpc = self._validate(keys, layout, block_ids, allow_skip=True)
         view = _LeasedView(self, keys, layout.chunk_nbytes(self.config.chunk_tokens), layout.fingerprint)
-        return LoadSession(view, keys, layout, ids, bpc, layer_events)
+        return LoadSession(view, keys, layout, ids, bpc, layer_events, after_events)
 
     def begin_save(self, keys: Sequence[bytes], layout: KVLayout, block_ids):
         """Store.begin_save over the agent: SaveSession with slots reserved in the agent."""

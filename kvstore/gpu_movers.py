@@ -243,7 +243,7 @@ class LayerwiseLoad(_Layerwise):
         return sm_count(device)
 
     def start(self, after_stream: Any = None, background: bool = False,
-              lookahead: int | None = None) -> "LayerwiseLoad":
+              lookahead: int | None = None, after_events: Sequence[int] = ()) -> "LayerwiseLoad":
         """Enqueues the layers: layer l of every chunk is one launch, then event_l. With
         `after_stream`, the loads start only after the work already issued to that stream.
         background=True enqueues from a helper thread (the native calls drop the GIL), so the
@@ -251,7 +251,8 @@ class LayerwiseLoad(_Layerwise):
         until layer l has been *enqueued* (microseconds), never until it has arrived.
         lookahead=k (not with background): start() enqueues only the first k layers and
         wait_layer(l) enqueues up to layer l+k, so the host's enqueue cost (~25 us a layer) is
-        spread over the forward instead of delaying its first kernel; wait() enqueues the rest."""
+        spread over the forward instead of delaying its first kernel; wait() enqueues the rest.
+        after_events: CUDA events the loads also wait for (on the device)."""
         if self._issued or getattr(self, "_thread", None) is not None:
             raise InvalidArgumentError("LayerwiseLoad.start called twice")
         if lookahead is not None and (background or lookahead < 1):
@@ -264,6 +265,8 @@ class LayerwiseLoad(_Layerwise):
         if after_stream is not None:
             C.cuda_event_record(self._events[0], stream_handle(after_stream))
             C.cuda_stream_wait_event(self.stream, self._events[0])
+        for event in after_events:
+            C.cuda_stream_wait_event(self.stream, event)
 
         if background:
             self._thread = threading.Thread(target=self._enqueue_upto, args=(le,), name="kvstore-layerwise-load",
@@ -329,6 +332,8 @@ class LayerwiseLoad(_Layerwise):
 class LayerwiseSave(_Layerwise):
     """Engine blocks -> objects, layer by layer, each after the compute stream finished it."""
 
+    last_event: int | None = None  # recorded after the latest gather: completes with every gather so far
+
     def save_layer(self, layer: int, compute_stream: Any = 0) -> None:
         """Records an event on `compute_stream`; the store stream waits on it, then gathers `layer`."""
         if layer in self._issued:
@@ -339,6 +344,7 @@ class LayerwiseSave(_Layerwise):
         self._plan.gather(layer, layer + 1, path=self.path, ctas=self.ctas, piece_bytes=self.piece_bytes)
         C.cuda_event_record(ev, self.stream)  # re-recorded: now marks the end of this layer's gather
         self._issued.add(layer)
+        self.last_event = ev
 
     def wait(self, timeout_s: float | None = 60.0) -> None:
         """Host wait until every saved layer is in the objects."""

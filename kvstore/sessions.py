@@ -6,8 +6,9 @@ cache, where wait_layer(l, stream) makes the engine's stream wait for layer l on
 Chunks not found are reported in `missing` (the engine recomputes them); the others still load.
 
 SaveSession reserves DRAM slots for the chunks not yet stored; for a CUDA cache save_layer(l,
-stream) gathers layer l once the engine's stream has computed it; finish() gathers what is left,
-waits, commits the slots and queues write-back.
+stream) gathers layer l once the engine's stream has computed it; enqueue_rest() gathers what is
+left without waiting (done_event completes with it), commit() waits, publishes the slots and
+queues write-back; finish() does both.
 
 Slots stay pinned (readers / writers) until close() or finish(), so DRAM eviction never takes
 memory a transfer still uses. Both sessions are single-threaded objects (one engine step).
@@ -47,7 +48,7 @@ def _count_gpu_transfer(store, kind: str, path: str, ids: np.ndarray, bpc: int) 
 
 class LoadSession:
     def __init__(self, store: "Store", keys: list[bytes], layout: KVLayout, ids: np.ndarray, bpc: int,
-                 layer_events=None):
+                 layer_events=None, after_events=()):
         self._store = store
         self.layout = layout
         self.requested = len(keys)
@@ -83,7 +84,7 @@ class LoadSession:
                 from .gpu_movers import LayerwiseLoad
                 self._gpu = LayerwiseLoad(layout, chunk_ids, ptrs, bpc, keepalive=self._slots, events=layer_events)
                 trace.mark("load.plan_ready")
-                self._gpu.start(after_stream=0)
+                self._gpu.start(after_stream=0, after_events=after_events)
                 trace.mark("load.all_layers_enqueued")
                 _count_gpu_transfer(store, "loads", self._gpu.path_name, chunk_ids, bpc)
             else:
@@ -92,6 +93,11 @@ class LoadSession:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def on_gpu(self) -> bool:
+        """True while a CUDA transfer holds the slots (until close)."""
+        return self._gpu is not None
 
     @property
     def loaded_chunks(self) -> int:
@@ -132,6 +138,7 @@ class SaveSession:
         self._ids = _chunk_ids(ids, [c for c, _ in reserved], bpc)
         self._bpc = bpc
         self._saved_layers: set[int] = set()
+        self._gathered = False
         self._gpu = None
         if self._slots and layout.is_cuda:
             try:
@@ -149,7 +156,7 @@ class SaveSession:
 
     def save_layer(self, layer: int, stream: Any = 0) -> None:
         """Gathers layer `layer` once `stream` has computed it (CUDA); host caches are gathered
-        in finish()."""
+        in enqueue_rest()."""
         if self._gpu is None or layer in self._saved_layers:
             return
         if not 0 <= layer < self.layout.num_layers:
@@ -157,33 +164,59 @@ class SaveSession:
         self._gpu.save_layer(layer, stream)
         self._saved_layers.add(layer)
 
-    def finish(self, timeout_s: float = 60.0, stream: Any = 0) -> int:
-        """Completes the save (layers not saved yet are gathered after the work already issued to
-        `stream`, by default the legacy default stream), commits the slots and queues write-back;
-        returns the number of chunks stored."""
-        if not self._slots:
-            return 0
+    def enqueue_rest(self, stream: Any = 0) -> None:
+        """Gathers the layers not saved yet after the work already issued to `stream` (by default
+        the legacy default stream) and returns at once (CUDA); host caches are gathered here.
+        The slots are published by commit()."""
+        if not self._slots or self._gathered:
+            return
         try:
             if self._gpu is not None:
                 for layer in range(self.layout.num_layers):
                     if layer not in self._saved_layers:
                         self._gpu.save_layer(layer, stream)
-                self._gpu.wait(timeout_s)
+                        self._saved_layers.add(layer)
             else:
                 movers.gather(self.layout, self._ids, [s.ptr for s in self._slots], self._bpc)
         except BaseException:
-            self._abort()
+            self.abort()
             raise
-        finally:
-            if self._gpu is not None:
-                self._gpu.close()
-                self._gpu = None
+        self._gathered = True
+
+    @property
+    def done_event(self) -> int | None:
+        """CUDA event that completes with the last gather (after enqueue_rest), else None. A
+        stream that waits on it may overwrite the saved blocks."""
+        return self._gpu.last_event if self._gpu is not None else None
+
+    def wait(self, timeout_s: float = 60.0) -> None:
+        """Host wait until every gather enqueued so far has reached the slots."""
+        if self._gpu is not None:
+            self._gpu.wait(timeout_s)
+
+    def commit(self, timeout_s: float = 60.0) -> int:
+        """Waits for the gathers (see wait), publishes the slots and queues write-back; returns
+        the number of chunks stored. Call after enqueue_rest."""
+        if not self._slots:
+            return 0
+        if not self._gathered:
+            raise InvalidArgumentError("SaveSession.commit before enqueue_rest")
+        self.wait(timeout_s)
+        if self._gpu is not None:
+            self._gpu.close()
+            self._gpu = None
         slots, self._slots = self._slots, []
         self._store.commit_saved(slots)
         return len(slots)
 
+    def finish(self, timeout_s: float = 60.0, stream: Any = 0) -> int:
+        """enqueue_rest(stream) then commit(timeout_s): the whole save, on the host's time."""
+        self.enqueue_rest(stream)
+        return self.commit(timeout_s)
+
     def abort(self) -> None:
-        """Drops the reserved slots without publishing anything."""
+        """Drops the reserved slots without publishing anything (after the gathers in flight:
+        the slots are not reused while a gather may still write them)."""
         if self._gpu is not None:
             try:
                 self._gpu.wait(60.0)

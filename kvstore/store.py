@@ -67,13 +67,18 @@ class Store:
             metrics.serve(cfg.metrics_port)
 
     # ---- queries -----------------------------------------------------------------------------
-    def lookup(self, keys: Sequence[bytes]) -> int:
+    def lookup(self, keys: Sequence[bytes], wait_s: float = 0.0) -> int:
+        """Length of the leading run of keys stored in DRAM or SSD (pins nothing). wait_s > 0:
+        a key of the run that a save is still writing is waited for, all waits together at most
+        wait_s, so a prompt that arrives while its prefix is being saved still hits."""
         self._check_open()
         start = time.perf_counter()
+        deadline = time.monotonic() + wait_s
         n = 0
         for key in check_keys(keys):
             if not (self.dram.contains(key) or (self.ssd is not None and self.ssd.contains(key))):
-                break
+                if wait_s <= 0 or not self.dram.wait_written(key, deadline - time.monotonic()):
+                    break
             n += 1
         metrics.LOOKUP_SECONDS.observe(time.perf_counter() - start)
         return n
@@ -167,13 +172,15 @@ class Store:
         return loaded
 
     def begin_load(self, keys: Sequence[bytes], layout: KVLayout, block_ids,
-                   layer_events: Sequence[int] | None = None) -> "LoadSession":
+                   layer_events: Sequence[int] | None = None, after_events: Sequence[int] = ()) -> "LoadSession":
         """A layer-wise load of every present chunk (not only the leading run); see sessions.py.
         layer_events: the caller's CUDA events, one per layer, recorded when that layer has
-        arrived (kept across sessions, e.g. waited on inside captured CUDA graphs)."""
+        arrived (kept across sessions, e.g. waited on inside captured CUDA graphs).
+        after_events: CUDA events the loads wait for on the device (e.g. saves still reading
+        blocks the loads will overwrite)."""
         from .sessions import LoadSession
         keys, ids, bpc = self._validate(keys, layout, block_ids, allow_skip=True)
-        return LoadSession(self, keys, layout, ids, bpc, layer_events)
+        return LoadSession(self, keys, layout, ids, bpc, layer_events, after_events)
 
     def begin_save(self, keys: Sequence[bytes], layout: KVLayout, block_ids) -> "SaveSession":
         """A layer-wise save of the chunks not yet stored; see sessions.py."""

@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -491,3 +492,27 @@ def test_auto_start_hands_the_master_token_over_by_environment_not_command_line(
     assert not any("s3cret" in arg for arg in seen["cmd"])  # `ps` shows every process's arguments
     assert seen["env"]["KVSTORE_MASTER_TOKEN"] == "s3cret-token"
     assert "--set" in seen["cmd"] and "master=127.0.0.1:1" in seen["cmd"]
+
+
+def test_lookup_waits_for_keys_another_process_is_still_saving(agent):
+    """LOOKUP_WRITING: the agent reports keys a SaveSession reserved but has not committed, and
+    AgentStore.lookup(wait_s) asks again until the save is published (polling: the session's own
+    COMMIT goes over the same connection); a plain lookup counts them as misses."""
+    store = agent_store(agent)
+    try:
+        cache, keys, ids = request(seed=91, chunks=3)
+        session = store.begin_save(keys, cache.layout, ids)
+        assert session.stored == 3
+        assert store.lookup(keys) == 0 and store.lookup(keys, wait_s=0.05) == 0
+        session.enqueue_rest()
+        timer = threading.Timer(0.1, session.commit)
+        timer.start()
+        assert store.lookup(keys, wait_s=10) == 3
+        timer.join()
+        client = AgentClient(agent.socket, timeout_s=5)
+        try:
+            assert list(client.request(P.Op.LOOKUP_WRITING, P.encode_keys(keys))) == [1, 1, 1]
+        finally:
+            client.close()
+    finally:
+        store.close()

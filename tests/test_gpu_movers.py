@@ -355,6 +355,62 @@ def test_layerwise_save_after_compute():
             assert np.array_equal(objs.got(i), ref.ref[i]), (path, i)
 
 
+def test_saves_finish_off_the_step_and_later_writes_wait_for_them(tmp_path):
+    """What the vLLM worker relies on for saves that finish off the step. enqueue_rest returns
+    while the gathers are still held behind the "forward" (a GPU sleep); nothing is visible before
+    commit; a stream that waits on done_event may overwrite the blocks at once and the committed
+    objects still hold them as they were. A load with after_events writes the blocks only after
+    those events (here a poison held back behind a sleep), so the blocks end as loaded."""
+    from kvstore import Store, chunk_keys, namespace
+    gen = torch.Generator().manual_seed(21)
+    rng = np.random.default_rng(21)
+    L, bpc, n = 4, 4, 5
+    cache = cache_factories(L, 64, 16, 4, 128, torch.bfloat16)["flash_attn"](gen)
+    lay = cache.layout_gpu
+    ids = pick_ids(rng, lay.num_blocks, n, bpc)
+    keys = chunk_keys(rng.integers(0, 50_000, size=n * 64), namespace(model="gpu-async-save"), 64)
+    ref = Objects(n, lay.chunk_nbytes(bpc * 16))
+    C.gather(cache.layout_cpu.native, ids, ref.ref_ptrs, bpc, 0, L)  # the blocks as they are now
+
+    def fill_on(stream, value, sleep_cycles=0):
+        with torch.cuda.stream(stream):
+            if sleep_cycles:
+                torch.cuda._sleep(sleep_cycles)
+            for t in cache.gpu:
+                t.view(torch.uint8).fill_(value)
+
+    with Store(chunk_tokens=64, ssd_path=None, dram_capacity_bytes="64MiB", dram_slab_bytes="16MiB") as store:
+        session = store.begin_save(keys, lay, ids)
+        compute = torch.cuda.Stream()
+        with torch.cuda.stream(compute):
+            torch.cuda._sleep(50_000_000)  # ~25 ms of "forward" before the gathers may run
+        session.enqueue_rest(compute.cuda_stream)
+        assert store.lookup(keys) == 0 and session.done_event is not None
+        overwrite = torch.cuda.Stream()
+        C.cuda_stream_wait_event(overwrite.cuda_stream, session.done_event)
+        fill_on(overwrite, 0x5A)  # a later step reusing the blocks
+        assert session.commit(timeout_s=30) == n and store.lookup(keys) == n
+        torch.cuda.synchronize()
+        assert all(bool((t.view(torch.uint8) == 0x5A).all()) for t in cache.gpu)
+
+        late = torch.cuda.Stream()
+        fill_on(late, 0x77, sleep_cycles=50_000_000)  # an earlier step's work on the blocks
+        event = C.cuda_event_create(0, False)
+        try:
+            C.cuda_event_record(event, late.cuda_stream)
+            load = store.begin_load(keys, lay, ids, after_events=[event])
+            load.close(timeout_s=30)
+            torch.cuda.synchronize()
+        finally:
+            C.cuda_event_destroy(event)
+        assert load.loaded_chunks == n and not load.invalid
+        now = [t.cpu() for t in cache.gpu]
+        got = Objects(n, ref.nbytes)
+        C.gather(cache.build(now).native, ids, got.ref_ptrs, bpc, 0, L)
+        for i in range(n):
+            assert np.array_equal(got.ref[i], ref.ref[i]), i
+
+
 def test_validation_errors():
     gen = torch.Generator().manual_seed(5)
     cache = cache_factories(2, 8, 16, 2, 64, torch.bfloat16)["flashinfer"](gen)

@@ -99,7 +99,7 @@ class KVStoreConnector(KVConnectorBase_V1):
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         trace.mark("worker.start_load")
-        self._worker.start(self._get_connector_metadata())
+        self._worker.start(self._get_connector_metadata(), _current_stream())
         trace.mark("worker.start_load.done")
 
     def wait_for_layer_load(self, layer_name: str) -> None:

@@ -86,8 +86,10 @@ class ConnectorScheduler:
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         state = self._state(request)
         # The last prompt token is always computed (it yields the first output token).
+        # A prefix an earlier step is still saving (the gathers finish off the step) is waited for.
         loadable_chunks = min((request.num_prompt_tokens - 1) // self._chunk,
-                              self._store.lookup(state.keys[:(request.num_prompt_tokens - 1) // self._chunk]))
+                              self._store.lookup(state.keys[:(request.num_prompt_tokens - 1) // self._chunk],
+                                                 wait_s=self._settings.lookup_wait_ms / 1000))
         first_to_load = num_computed_tokens // self._chunk
         wanted = loadable_chunks - first_to_load
         if wanted > 0:
@@ -154,7 +156,8 @@ class ConnectorScheduler:
             state.saved_chunks = done_chunks
 
     def request_finished(self, request: "Request", block_ids) -> tuple[bool, None]:
-        # Saves complete inside the step that scheduled them (wait_for_save), so blocks can go.
+        # The blocks can go: a save still gathering them is waited for on the device by every later
+        # step's forward and loads (worker.py).
         self._requests.pop(request.request_id, None)
         return False, None
 

@@ -18,6 +18,7 @@ class ConnectorSettings:
     save_decode: bool   # also store chunks of generated tokens (off: prompt only)
     tenant: str
     cuda_graphs: str = "full"  # "full": vLLM keeps FULL CUDA graphs; "piecewise": ask vLLM for PIECEWISE
+    lookup_wait_ms: int = 100  # a prefix still being saved is waited for this long at most (then recomputed)
 
     _DOCS = {
         "chunk_tokens": "tokens per stored chunk, a multiple of the block size (default 256)",
@@ -26,6 +27,8 @@ class ConnectorSettings:
         "tenant": "salt in the key namespace: tenants never share chunks (default '')",
         "cuda_graphs": "'full' (default): layer-wise loads are waited on inside vLLM's FULL CUDA graphs too; "
                        "'piecewise': ask vLLM to fall back to PIECEWISE graphs, as before",
+        "lookup_wait_ms": "a prompt whose prefix is still being saved waits at most this long for the save "
+                          "(default 100; 0: count it as a miss)",
         "store": "kvstore Config keys (see `kvstore config --show`), e.g. dram_capacity_bytes, ssd_path",
     }
 
@@ -53,7 +56,12 @@ class ConnectorSettings:
         cuda_graphs = extra.get("cuda_graphs", "full")
         if cuda_graphs not in ("full", "piecewise"):
             raise ConfigError(f"kv_connector_extra_config.cuda_graphs must be 'full' or 'piecewise', got {cuda_graphs!r}")
-        return cls(store=store, chunk_tokens=store.chunk_tokens, tenant=tenant, cuda_graphs=cuda_graphs, **flags)
+        lookup_wait_ms = extra.get("lookup_wait_ms", 100)
+        if isinstance(lookup_wait_ms, bool) or not isinstance(lookup_wait_ms, int) or not 0 <= lookup_wait_ms <= 10_000:
+            raise ConfigError(f"kv_connector_extra_config.lookup_wait_ms must be an integer in [0, 10000], "
+                              f"got {lookup_wait_ms!r}")
+        return cls(store=store, chunk_tokens=store.chunk_tokens, tenant=tenant, cuda_graphs=cuda_graphs,
+                   lookup_wait_ms=lookup_wait_ms, **flags)
 
 
 def shard_namespace(vllm_config, settings: ConnectorSettings, tp_rank: int, lora: str = "") -> bytes:

@@ -3,10 +3,17 @@
 Per step: start_load_kv opens one LoadSession for every load of the step (one launch per layer
 for all chunks) and one SaveSession for every save; wait_for_layer_load(layer) makes the current
 CUDA stream wait for that layer's load; save_kv_layer gathers a layer after the stream computed
-it; wait_for_save finishes the saves (the host waits at most for the last layer's gather, and
-DRAM->SSD write-back happens later, off the step) and closes the loads. Host (CPU) caches move
-whole chunks at once. Chunks that fail to load are reported by get_block_ids_with_load_errors so
-vLLM recomputes them.
+it; wait_for_save enqueues the gathers left and closes the loads. Host (CPU) caches move whole
+chunks at once. Chunks that fail to load are reported by get_block_ids_with_load_errors so vLLM
+recomputes them.
+
+Transfers finish off the step (CUDA): wait_for_save waits neither for the gathers nor for the
+loads (the forward waits for those on the device). A finisher thread publishes each save's
+chunks once its last gather has completed, and unpins a load's slots once it has arrived. Until
+a save is published the blocks it reads may belong to a request that finished and may be handed
+to another: so every later step's forward (its stream) and loads wait on the device for the
+saves still in flight. The host waits only when more than _MAX_SESSIONS_IN_FLIGHT are
+outstanding, and for loads through the agent (see _finish_loads).
 
 CUDA graphs: vLLM keeps its FULL graphs (cuda_graphs="full"). While it captures them the layer
 hooks put a wait on a per-layer event into the graph; every load records those same events, so a
@@ -22,6 +29,8 @@ transfer. The metadata carries early_load_id so start_load_kv does not load twic
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -64,6 +73,10 @@ def in_process_worker(engine_id: str | None) -> "ConnectorWorker | None":
     return _IN_PROCESS.get(engine_id) if engine_id else None
 
 
+_MAX_SESSIONS_IN_FLIGHT = 8  # saves/loads the finisher has yet to complete; more block the step
+_TRANSFER_TIMEOUT_S = 60.0   # a save not gathered by then is dropped (never published)
+
+
 class ConnectorWorker:
     def __init__(self, vllm_config, settings: ConnectorSettings, store: Store):
         self._settings = settings
@@ -80,6 +93,16 @@ class ConnectorWorker:
         self._load_ids: list[int] = []  # scheduler block ids of the step's loads, chunk-major
         self._load_chunks = 0
         self._save: SaveSession | None = None
+        # Saves whose gathers were enqueued, oldest first, until the finisher has published them.
+        self._saves_in_flight: list[SaveSession] = []
+        self._in_flight_lock = threading.Lock()
+        # Sessions the finisher thread completes off the step: saves (wait, then commit) and
+        # loads (wait, then unpin their slots).
+        self._to_finish: queue.Queue = queue.Queue(maxsize=_MAX_SESSIONS_IN_FLIGHT)
+        self._finisher: threading.Thread | None = None
+        # The agent checks a slot's generation after it was read (reused slot -> recompute): that
+        # check needs the loads done before the step reports its load errors.
+        self._loads_checked_after_read = not isinstance(store, Store)
         self._load_errors: set[int] = set()
         # One CUDA event per layer, recorded by every step's layer-wise load when that layer has
         # arrived. FULL CUDA graphs captured by vLLM wait on them (external-event nodes made in
@@ -136,9 +159,14 @@ class ConnectorWorker:
         self._early_id += 1
         meta.early_load_id = self._early_id
 
-    def start(self, meta: KVStoreConnectorMetadata) -> None:
+    def start(self, meta: KVStoreConnectorMetadata, stream: Any = 0) -> None:
+        """Starts the step's loads (unless started early) and saves; `stream` is the one the
+        step's forward runs on: it waits for the saves of earlier steps still in flight."""
         if self.layout is None or not isinstance(meta, KVStoreConnectorMetadata):
             return
+        if self._save is not None:  # a previous step's save that vLLM did not finish
+            self._retire_save(stream)
+        self._after_saves_in_flight(stream)
         if meta.loads and meta.early_load_id and meta.early_load_id == self._early_id:
             pass  # this step's loads are running since the scheduler built meta
         else:
@@ -161,7 +189,8 @@ class ConnectorWorker:
         self._load_ids, self._load_chunks = ids, len(keys)
         try:
             self._load = self._store.begin_load(keys, self.layout, self._kernel_ids(ids),
-                                                layer_events=self._layer_events or None)
+                                                layer_events=self._layer_events or None,
+                                                after_events=self._in_flight_events())
             missing = self._load.missing
         except KVStoreError:
             log.exception("kvstore: load of %d chunks failed; vLLM will recompute them", len(keys))
@@ -185,18 +214,84 @@ class ConnectorWorker:
 
     def wait_for_save(self, stream: Any = 0) -> None:
         if self._save is not None:
-            save, self._save = self._save, None
-            try:
-                save.finish(stream=stream)  # layers a CUDA graph ran without save_kv_layer: after `stream`
-            except KVStoreError:
-                log.exception("kvstore: save failed; the chunks are not stored")
+            self._retire_save(stream)  # layers a CUDA graph ran without save_kv_layer: after `stream`
         self._finish_loads()
 
+    def _retire_save(self, stream: Any) -> None:
+        """Enqueues the rest of the step's save and hands it to the finisher (CUDA) or commits it
+        (host caches, gathered synchronously)."""
+        save, self._save = self._save, None
+        try:
+            save.enqueue_rest(stream)
+            if save.done_event is None:
+                save.commit()
+                return
+        except KVStoreError:
+            log.exception("kvstore: save failed; the chunks are not stored")
+            return
+        with self._in_flight_lock:
+            self._saves_in_flight.append(save)
+        self._hand_off(save)
+
     def _finish_loads(self) -> None:
-        if self._load is not None:
-            load, self._load = self._load, None
-            load.close()
-            self._report_failed(load.invalid)
+        """Closes the step's loads. The forward already waits for them on the device; the host
+        waits only where slots are checked after the reads (the agent's generations: a chunk
+        read from a reused slot is reported for recompute). Else the finisher unpins the slots
+        once the loads have arrived, and vLLM goes on to sampling at once."""
+        if self._load is None:
+            return
+        load, self._load = self._load, None
+        if load.on_gpu and not self._loads_checked_after_read:
+            self._hand_off(load)
+            return
+        load.close()
+        self._report_failed(load.invalid)
+
+    def _hand_off(self, session: "SaveSession | LoadSession") -> None:
+        if self._finisher is None:
+            self._finisher = threading.Thread(target=self._finish_loop, name="kvstore-finisher", daemon=True)
+            self._finisher.start()
+        try:  # blocks while _MAX_SESSIONS_IN_FLIGHT are outstanding
+            self._to_finish.put(session, timeout=_TRANSFER_TIMEOUT_S)
+        except queue.Full:
+            log.warning("kvstore: the finisher is stuck; completing a transfer on the step")
+            self._finish_one(session)
+
+    def _finish_loop(self) -> None:
+        while (session := self._to_finish.get()) is not None:
+            self._finish_one(session)
+
+    def _finish_one(self, session: "SaveSession | LoadSession") -> None:
+        if isinstance(session, LoadSession):
+            try:
+                session.close(_TRANSFER_TIMEOUT_S)
+            except KVStoreError:
+                log.exception("kvstore: a load did not complete")
+            return
+        try:
+            session.wait(_TRANSFER_TIMEOUT_S)
+            ok = True
+        except KVStoreError:
+            log.exception("kvstore: a save did not complete; its chunks are dropped")
+            ok = False
+        with self._in_flight_lock:  # from here on no stream is made to wait on its event
+            self._saves_in_flight.remove(session)
+        try:
+            session.commit() if ok else session.abort()
+        except KVStoreError:
+            log.exception("kvstore: could not publish a save")
+
+    def _in_flight_events(self) -> list[int]:
+        with self._in_flight_lock:
+            return [s.done_event for s in self._saves_in_flight]
+
+    def _after_saves_in_flight(self, stream: Any) -> None:
+        """`stream` waits on the device for the saves still gathering: their blocks may have been
+        freed and handed to the requests this step computes or loads."""
+        if not self._saves_in_flight or C.cuda_stream_is_capturing(stream):
+            return
+        for event in self._in_flight_events():
+            C.cuda_stream_wait_event(stream, event)
 
     def _report_failed(self, chunks: list[int]) -> None:
         """Blocks of chunks that did not load (or loaded from a reused slot): vLLM recomputes them."""
@@ -216,6 +311,10 @@ class ConnectorWorker:
             self._save.abort()
             self._save = None
         self._finish_loads()
+        if self._finisher is not None:  # publish what is in flight, then stop
+            self._to_finish.put(None)
+            self._finisher.join(_TRANSFER_TIMEOUT_S)
+            self._finisher = None
         for e in self._layer_events:
             C.cuda_event_destroy(e)
         self._layer_events = []
