@@ -280,8 +280,12 @@ class AgentStore:
         return loaded
 
     # ---- layer-wise sessions (the vLLM connector) ---------------------------------------------
-    def begin_load(self, keys: Sequence[bytes], layout: KVLayout, block_ids, layer_events=None, after_events=()):
-        """Store.begin_load over the agent: one BEGIN_READ for the batch, then LoadSession."""
+    def begin_load(self, keys: Sequence[bytes], layout: KVLayout, block_ids, layer_events=None, after_events=(),
+                   prefetch=None):
+        """Store.begin_load over the agent: one BEGIN_READ for the batch, then LoadSession. No
+        prefetch: its slots would be pinned outside the batch's lease."""
+        if prefetch is not None:
+            raise InvalidArgumentError("AgentStore.begin_load takes no prefetch")
         from .sessions import LoadSession
         keys, ids, bpc = self._validate(keys, layout, block_ids, allow_skip=True)
         view = _LeasedView(self, keys, layout.chunk_nbytes(self.config.chunk_tokens), layout.fingerprint)

@@ -46,47 +46,120 @@ def _count_gpu_transfer(store, kind: str, path: str, ids: np.ndarray, bpc: int) 
     store.stats_counters.add(f"gpu_{kind}_block_runs", int((starts & valid).sum()))
 
 
+def _acquire(store, keys: list[bytes], layout: KVLayout) -> tuple[list[Slot | None], dict[str, int]]:
+    """Pins every present chunk in DRAM (promoting SSD hits): a slot or None per key, hits by tier."""
+    nbytes = layout.chunk_nbytes(store.config.chunk_tokens)
+    slots: list[Slot | None] = []
+    hits = {"dram": 0, "ssd": 0}
+    for key in keys:
+        try:
+            slot, tier = store.acquire_for_load(key, nbytes, layout.fingerprint)
+        except PoolFullError:  # DRAM holds only what this batch pinned: the rest recomputes
+            slot, tier = None, ""
+        slots.append(slot)
+        if slot is not None:
+            hits[tier] += 1
+    return slots, hits
+
+
+class Prefetch:
+    """The first `layers` layers of a batch of chunks, copied from their DRAM slots into a device
+    buffer before the engine has picked the blocks they go to: the vLLM scheduler knows a
+    request's hits a few milliseconds before it allocates its blocks, and a load is bound by PCIe,
+    so those milliseconds are worth moving bytes in. A LoadSession given the prefetch (same keys)
+    takes its slots over and scatters those layers device to device; the rest load as usual.
+
+    Object c's first `layers` layers lie at buffer + c * layers * layer_nbytes, so each chunk's
+    device "object" is a prefix of a full object; the buffer has room for the last one's tail
+    (it is never touched, but the plan checks the whole object range)."""
+
+    @staticmethod
+    def layers_that_fit(layout: KVLayout, chunk_tokens: int, chunks: int, buffer_nbytes: int) -> int:
+        room = buffer_nbytes - layout.chunk_nbytes(chunk_tokens)
+        return max(0, min(layout.num_layers, room // (chunks * layout.layer_nbytes(chunk_tokens)))) if chunks else 0
+
+    def __init__(self, store: "Store", keys: list[bytes], layout: KVLayout, buffer_ptr: int, buffer_nbytes: int,
+                 stream: int, copied_event: int, read_event: int):
+        """Pins every key's object (raises LookupError, pinning nothing, if one is missing) and
+        enqueues the copies on `stream` after `read_event` (the buffer's previous reader), then
+        records `copied_event`."""
+        from ._native import C
+        chunk_tokens = store.config.chunk_tokens
+        self.keys, self._store, self.layout = list(keys), store, layout
+        self.layers = self.layers_that_fit(layout, chunk_tokens, len(keys), buffer_nbytes)
+        if self.layers == 0:
+            raise InvalidArgumentError(f"{len(keys)} chunks: not one layer fits a {buffer_nbytes}-byte buffer")
+        slots, self.hits_by_tier = _acquire(store, self.keys, layout)
+        self._slots = [s for s in slots if s is not None]
+        if len(self._slots) < len(slots):
+            self._release()
+            raise LookupError("a chunk to prefetch is not stored")
+        span = self.layers * layout.layer_nbytes(chunk_tokens)
+        self.device_ptrs = [buffer_ptr + c * span for c in range(len(keys))]
+        self.copied_event, self.read_event = copied_event, read_event
+        try:
+            C.cuda_stream_wait_event(stream, read_event)
+            C.cuda_memcpy_segments(np.array(self.device_ptrs, np.uint64), np.array([s.ptr for s in self._slots], np.uint64),
+                                   np.full(len(keys), span, np.int64), stream, C.cuda_batch_memcpy_supported())
+            C.cuda_event_record(copied_event, stream)
+        except BaseException:
+            self._release()
+            raise
+        self._stream = stream
+
+    def take_slots(self) -> list[Slot]:
+        """Hands the pinned slots to the load that uses this prefetch."""
+        slots, self._slots = self._slots, []
+        return slots
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        """An unused prefetch: waits for its copies, then unpins the slots."""
+        from .gpu_movers import _wait_event
+        try:
+            if self._slots:
+                _wait_event(self.copied_event, timeout_s, "prefetch copy")
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        for slot in self._slots:
+            self._store.dram.release(slot)
+        self._slots = []
+
+
 class LoadSession:
     def __init__(self, store: "Store", keys: list[bytes], layout: KVLayout, ids: np.ndarray, bpc: int,
-                 layer_events=None, after_events=()):
+                 layer_events=None, after_events=(), prefetch: Prefetch | None = None):
+        """prefetch: the first layers of exactly these keys, already on the device (else ignored:
+        the caller closes it)."""
         self._store = store
         self.layout = layout
         self.requested = len(keys)
         nbytes = layout.chunk_nbytes(store.config.chunk_tokens)
-        self._slots: list[Slot] = []
-        self._slot_chunks: list[int] = []  # chunk index of each held slot
         self.missing: list[int] = []   # chunk indices not loaded (known when the session starts)
         self.invalid: list[int] = []   # chunk indices whose slot was reused while it was read (known at close)
-        hits = {"dram": 0, "ssd": 0}
-        loaded: list[int] = []
-        for c, key in enumerate(keys):
-            try:
-                slot, tier = store.acquire_for_load(key, nbytes, layout.fingerprint)
-            except PoolFullError:  # DRAM holds only what this batch pinned: the rest recomputes
-                slot, tier = None, ""
-            if slot is None:
-                self.missing.append(c)
-                continue
-            self._slots.append(slot)
-            self._slot_chunks.append(c)
-            loaded.append(c)
-            hits[tier] += 1
+        if prefetch is not None and (prefetch.keys != list(keys) or not layout.is_cuda):
+            prefetch = None
+        if prefetch is not None:
+            slots, hits = prefetch.take_slots(), prefetch.hits_by_tier
+        else:
+            slots, hits = _acquire(store, keys, layout)
+        self._slots = [s for s in slots if s is not None]
+        self._slot_chunks = [c for c, s in enumerate(slots) if s is not None]  # chunk index of each slot
+        self.missing = [c for c, s in enumerate(slots) if s is None]
+        loaded = self._slot_chunks
         trace.mark("load.slots_acquired")
         store.record_load({t: n for t, n in hits.items() if n}, self.requested, len(loaded), nbytes)
         self.hits_by_tier = {t: n for t, n in hits.items() if n}
-        self._gpu = None
+        self._parts: list = []  # LayerwiseLoads, each over a range of layers
         if not self._slots:
             return
         chunk_ids = _chunk_ids(ids, loaded, bpc)
         ptrs = [s.ptr for s in self._slots]
         try:
             if layout.is_cuda:
-                from .gpu_movers import LayerwiseLoad
-                self._gpu = LayerwiseLoad(layout, chunk_ids, ptrs, bpc, keepalive=self._slots, events=layer_events)
-                trace.mark("load.plan_ready")
-                self._gpu.start(after_stream=0, after_events=after_events)
-                trace.mark("load.all_layers_enqueued")
-                _count_gpu_transfer(store, "loads", self._gpu.path_name, chunk_ids, bpc)
+                self._start_gpu(layout, chunk_ids, ptrs, bpc, layer_events, after_events, prefetch)
+                _count_gpu_transfer(store, "loads", self._parts[-1].path_name, chunk_ids, bpc)
             else:
                 movers.scatter(layout, chunk_ids, ptrs, bpc)
                 self._release()
@@ -94,10 +167,29 @@ class LoadSession:
             self.close()
             raise
 
+    def _start_gpu(self, layout, chunk_ids, ptrs, bpc, layer_events, after_events, prefetch) -> None:
+        from ._native import C
+        from .gpu_movers import LayerwiseLoad
+        split = prefetch.layers if prefetch is not None else 0
+        events = list(layer_events) if layer_events is not None else None
+        if split:  # layers [0, split) from the device buffer, after its copies
+            part = LayerwiseLoad(layout, chunk_ids, prefetch.device_ptrs, bpc, layers=(0, split), keepalive=prefetch,
+                                 events=events[:split] if events else None)
+            self._parts.append(part)
+            part.start(after_stream=0, after_events=[*after_events, prefetch.copied_event])
+            C.cuda_event_record(prefetch.read_event, part.stream)  # the buffer may be reused after this
+        if split < layout.num_layers:
+            part = LayerwiseLoad(layout, chunk_ids, ptrs, bpc, layers=(split, layout.num_layers),
+                                 keepalive=self._slots, events=events[split:] if events else None)
+            self._parts.append(part)
+            trace.mark("load.plan_ready")
+            part.start(after_stream=0, after_events=after_events)
+        trace.mark("load.all_layers_enqueued")
+
     @property
     def on_gpu(self) -> bool:
         """True while a CUDA transfer holds the slots (until close)."""
-        return self._gpu is not None
+        return bool(self._parts)
 
     @property
     def loaded_chunks(self) -> int:
@@ -106,19 +198,23 @@ class LoadSession:
     def wait_layer(self, layer: int, stream: Any = 0) -> None:
         """Makes `stream` wait on the device until layer `layer` has arrived (CUDA); no-op for host
         caches, which were filled when the session started."""
-        if self._gpu is not None:
-            self._gpu.wait_layer(layer, stream)
+        for part in self._parts:
+            if part.layers[0] <= layer < part.layers[1]:
+                part.wait_layer(layer, stream)
+                return
+        if self._parts:
+            raise InvalidArgumentError(f"layer {layer} outside [0, {self.layout.num_layers})")
 
     def close(self, timeout_s: float = 60.0) -> None:
         """Waits for the transfer on the host and unpins the slots. Call once the engine no
         longer needs the loads in flight (after its step)."""
         try:
-            if self._gpu is not None:
-                self._gpu.wait(timeout_s)
+            for part in self._parts:
+                part.wait(timeout_s)
         finally:
-            if self._gpu is not None:
-                self._gpu.close()
-                self._gpu = None
+            for part in self._parts:
+                part.close()
+            self._parts = []
             self._release()
 
     def _release(self) -> None:

@@ -172,15 +172,16 @@ class Store:
         return loaded
 
     def begin_load(self, keys: Sequence[bytes], layout: KVLayout, block_ids,
-                   layer_events: Sequence[int] | None = None, after_events: Sequence[int] = ()) -> "LoadSession":
+                   layer_events: Sequence[int] | None = None, after_events: Sequence[int] = (),
+                   prefetch=None) -> "LoadSession":
         """A layer-wise load of every present chunk (not only the leading run); see sessions.py.
         layer_events: the caller's CUDA events, one per layer, recorded when that layer has
         arrived (kept across sessions, e.g. waited on inside captured CUDA graphs).
         after_events: CUDA events the loads wait for on the device (e.g. saves still reading
-        blocks the loads will overwrite)."""
+        blocks the loads will overwrite). prefetch: a sessions.Prefetch of exactly these keys."""
         from .sessions import LoadSession
         keys, ids, bpc = self._validate(keys, layout, block_ids, allow_skip=True)
-        return LoadSession(self, keys, layout, ids, bpc, layer_events, after_events)
+        return LoadSession(self, keys, layout, ids, bpc, layer_events, after_events, prefetch)
 
     def begin_save(self, keys: Sequence[bytes], layout: KVLayout, block_ids) -> "SaveSession":
         """A layer-wise save of the chunks not yet stored; see sessions.py."""

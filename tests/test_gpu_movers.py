@@ -411,6 +411,65 @@ def test_saves_finish_off_the_step_and_later_writes_wait_for_them(tmp_path):
             assert np.array_equal(got.ref[i], ref.ref[i]), i
 
 
+@pytest.mark.parametrize("fit_layers", [1, 3, 4])
+def test_prefetched_first_layers_load_bit_exact(fit_layers):
+    """Prefetch copies the first layers of stored chunks into a device buffer before the block ids
+    are known; a LoadSession of the same keys scatters those layers from the buffer and the rest
+    from DRAM (all layers from the buffer when they all fit): bit-exact, per-layer events recorded
+    by both parts. A prefetch of other keys is not used; one with a missing key pins nothing."""
+    from kvstore import Store, chunk_keys, namespace
+    from kvstore.sessions import Prefetch
+    gen = torch.Generator().manual_seed(30 + fit_layers)
+    rng = np.random.default_rng(30 + fit_layers)
+    L, bpc, n, chunk_tokens = 4, 4, 3, 64
+    cache = cache_factories(L, 64, 16, 4, 128, torch.bfloat16)["flashinfer"](gen)
+    lay = cache.layout_gpu
+    ids = pick_ids(rng, lay.num_blocks, n, bpc)
+    keys = chunk_keys(rng.integers(0, 50_000, size=n * chunk_tokens), namespace(model="gpu-prefetch"), chunk_tokens)
+    ref = Objects(n, lay.chunk_nbytes(chunk_tokens))
+    C.gather(cache.layout_cpu.native, ids, ref.ref_ptrs, bpc, 0, L)
+    buffer_nbytes = lay.chunk_nbytes(chunk_tokens) + fit_layers * n * lay.layer_nbytes(chunk_tokens)
+    assert Prefetch.layers_that_fit(lay, chunk_tokens, n, buffer_nbytes) == fit_layers
+    buffer = torch.empty(buffer_nbytes, dtype=torch.uint8, device="cuda")
+    stream = C.cuda_stream_create(0, 0)
+    copied, read = C.cuda_event_create(0, False), C.cuda_event_create(0, False)
+    layer_events = [C.cuda_event_create(0, False) for _ in range(L)]
+    try:
+        with Store(chunk_tokens=chunk_tokens, ssd_path=None, dram_capacity_bytes="32MiB",
+                   dram_slab_bytes="8MiB") as store:
+            assert store.save(keys, lay, ids).wait(30).stored == n
+            with pytest.raises(LookupError):
+                Prefetch(store, keys[:2] + [bytes(16)], lay, buffer.data_ptr(), buffer_nbytes, stream, copied, read)
+            other = Prefetch(store, keys[1:], lay, buffer.data_ptr(), buffer_nbytes, stream, copied, read)
+            cache.poison(gen)
+            torch.cuda.synchronize()
+            prefetch = Prefetch(store, keys, lay, buffer.data_ptr(), buffer_nbytes, stream, copied, read)
+            assert prefetch.layers == fit_layers
+            ignored = store.begin_load(keys[1:] + keys[:1], lay, np.concatenate([ids[bpc:], ids[:bpc]]),
+                                       prefetch=prefetch)  # other keys: loads from DRAM
+            ignored.close(30)
+            cache.poison(gen)
+            torch.cuda.synchronize()
+            load = store.begin_load(keys, lay, ids, layer_events=layer_events, prefetch=prefetch)
+            side = torch.cuda.Stream()
+            for layer in range(L):  # what an engine's forward does
+                load.wait_layer(layer, side.cuda_stream)
+            side.synchronize()
+            load.close(30)
+            other.close(30)
+            assert load.loaded_chunks == n and not load.missing
+            now = [t.cpu() for t in cache.gpu]
+            got = Objects(n, ref.nbytes)
+            C.gather(cache.build(now).native, ids, got.ref_ptrs, bpc, 0, L)
+            for i in range(n):
+                assert np.array_equal(got.ref[i], ref.ref[i]), i
+            assert store.evict("dram") == n  # nothing is left pinned
+    finally:
+        for e in [copied, read, *layer_events]:
+            C.cuda_event_destroy(e)
+        C.cuda_stream_destroy(stream)
+
+
 def test_validation_errors():
     gen = torch.Generator().manual_seed(5)
     cache = cache_factories(2, 8, 16, 2, 64, torch.bfloat16)["flashinfer"](gen)

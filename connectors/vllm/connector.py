@@ -75,6 +75,10 @@ class KVStoreConnector(KVConnectorBase_V1):
         trace.mark("scheduler.match")
         matched = self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
         trace.mark("scheduler.match.done")
+        worker = in_process_worker(self._engine_id)
+        if matched[0] and worker is not None:  # the first layers can cross PCIe while vLLM allocates
+            worker.prefetch(self._scheduler.keys_to_load(request, num_computed_tokens))
+            trace.mark("scheduler.prefetched")
         return matched
 
     def update_state_after_alloc(self, request: "Request", blocks, num_external_tokens: int) -> None:

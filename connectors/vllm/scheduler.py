@@ -100,6 +100,13 @@ class ConnectorScheduler:
         state.hit_tokens = max(loadable_chunks * self._chunk, num_computed_tokens)
         return max(0, state.hit_tokens - num_computed_tokens), False
 
+    def keys_to_load(self, request: "Request", num_computed_tokens: int) -> list[bytes]:
+        """The chunks the last get_num_new_matched_tokens answer for `request` promised to load."""
+        state = self._requests.get(request.request_id)
+        if state is None:
+            return []
+        return state.keys[num_computed_tokens // self._chunk:state.hit_tokens // self._chunk]
+
     def update_state_after_alloc(self, request: "Request", blocks, num_external_tokens: int) -> None:
         state = self._state(request)
         state.block_ids = list(blocks.get_block_ids()[0])

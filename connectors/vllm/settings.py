@@ -19,6 +19,7 @@ class ConnectorSettings:
     tenant: str
     cuda_graphs: str = "full"  # "full": vLLM keeps FULL CUDA graphs; "piecewise": ask vLLM for PIECEWISE
     lookup_wait_ms: int = 100  # a prefix still being saved is waited for this long at most (then recomputed)
+    prefetch_mib: int = 256    # device buffer for the first layers of a hit, copied before vLLM allocates blocks
 
     _DOCS = {
         "chunk_tokens": "tokens per stored chunk, a multiple of the block size (default 256)",
@@ -29,6 +30,8 @@ class ConnectorSettings:
                        "'piecewise': ask vLLM to fall back to PIECEWISE graphs, as before",
         "lookup_wait_ms": "a prompt whose prefix is still being saved waits at most this long for the save "
                           "(default 100; 0: count it as a miss)",
+        "prefetch_mib": "one GPU, layer-wise: device buffer (MiB) the first layers of a request's hits are "
+                        "copied into while vLLM allocates its blocks (default 256; 0: off)",
         "store": "kvstore Config keys (see `kvstore config --show`), e.g. dram_capacity_bytes, ssd_path",
     }
 
@@ -60,8 +63,12 @@ class ConnectorSettings:
         if isinstance(lookup_wait_ms, bool) or not isinstance(lookup_wait_ms, int) or not 0 <= lookup_wait_ms <= 10_000:
             raise ConfigError(f"kv_connector_extra_config.lookup_wait_ms must be an integer in [0, 10000], "
                               f"got {lookup_wait_ms!r}")
+        prefetch_mib = extra.get("prefetch_mib", 256)
+        if isinstance(prefetch_mib, bool) or not isinstance(prefetch_mib, int) or not 0 <= prefetch_mib <= 65536:
+            raise ConfigError(f"kv_connector_extra_config.prefetch_mib must be an integer in [0, 65536], "
+                              f"got {prefetch_mib!r}")
         return cls(store=store, chunk_tokens=store.chunk_tokens, tenant=tenant, cuda_graphs=cuda_graphs,
-                   lookup_wait_ms=lookup_wait_ms, **flags)
+                   lookup_wait_ms=lookup_wait_ms, prefetch_mib=prefetch_mib, **flags)
 
 
 def shard_namespace(vllm_config, settings: ConnectorSettings, tp_rank: int, lora: str = "") -> bytes:

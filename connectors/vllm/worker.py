@@ -37,7 +37,7 @@ import numpy as np
 
 from kvstore import KVLayout, KVStoreError, gpu_movers
 from kvstore._native import C
-from kvstore.sessions import LoadSession, SaveSession
+from kvstore.sessions import LoadSession, Prefetch, SaveSession
 from kvstore.store import Store
 
 from .metadata import SKIP_BLOCK, ChunkTransfer, KVStoreConnectorMetadata
@@ -111,6 +111,12 @@ class ConnectorWorker:
         self.captured_waits = 0
         self._told_captures = False
         self._early_id = 0
+        # Prefetch (same process as the scheduler only): one at a time, into a buffer kept for it.
+        self._prefetch: Prefetch | None = None
+        self._prefetch_lock = threading.Lock()
+        self._prefetch_buffer = None  # torch uint8 tensor on the cache's device
+        self._prefetch_stream = 0
+        self._prefetch_events: tuple[int, int] | None = None  # (copied, read)
         self.captures_waits = settings.layerwise and settings.cuda_graphs == "full"
 
     # ---- set-up ------------------------------------------------------------------------------
@@ -131,6 +137,17 @@ class ConnectorWorker:
             self.captures_waits = False
         if self._single_gpu and self._engine_id and self._settings.layerwise:
             _IN_PROCESS[self._engine_id] = self
+            if self.layout.is_cuda and self._settings.prefetch_mib and not self._loads_checked_after_read:
+                self._allocate_prefetch(next(iter(kv_caches.values())).device)
+
+    def _allocate_prefetch(self, device) -> None:
+        import torch
+        chunk = self.layout.chunk_nbytes(self._store.config.chunk_tokens)
+        self._prefetch_buffer = torch.empty((self._settings.prefetch_mib << 20) + chunk, dtype=torch.uint8,
+                                            device=device)
+        index = gpu_movers.device_index(self.layout)
+        self._prefetch_stream = C.cuda_stream_create(index, 0)
+        self._prefetch_events = (C.cuda_event_create(index, False), C.cuda_event_create(index, False))
 
     def _kernel_ids(self, block_ids: list[int]) -> np.ndarray:
         ids = np.asarray(block_ids, dtype=np.int64)
@@ -153,11 +170,44 @@ class ConnectorWorker:
         process: one GPU, in-process executor): the loads start now instead of at start_load_kv,
         about the time vLLM takes to prepare the step's inputs earlier. Not while an earlier
         step's loads are still open (asynchronous scheduling): start() then does it as usual."""
+        if not meta.loads:
+            self._take_prefetch([])  # the request it was for was not scheduled: drop it
         if self.layout is None or not self._settings.layerwise or not meta.loads or self._load is not None:
             return
         self._begin_loads(meta)
         self._early_id += 1
         meta.early_load_id = self._early_id
+
+    def prefetch(self, keys: list[bytes]) -> None:
+        """Called by the scheduler half in this process when it is about to promise `keys` (one
+        request's hits) to vLLM, before vLLM allocates their blocks: the first layers that fit
+        the prefetch buffer start crossing PCIe now (sessions.Prefetch). Used if the step's loads
+        are exactly these keys; otherwise dropped when the step's loads start."""
+        if self._prefetch_buffer is None or not keys:
+            return
+        with self._prefetch_lock:
+            if self._prefetch is not None:
+                return
+            buf = self._prefetch_buffer
+            if not Prefetch.layers_that_fit(self.layout, self._store.config.chunk_tokens, len(keys), buf.numel()):
+                return
+            try:
+                self._prefetch = Prefetch(self._store, keys, self.layout, buf.data_ptr(), buf.numel(),
+                                          self._prefetch_stream, *self._prefetch_events)
+            except LookupError:
+                pass  # not every chunk is stored: the step's load will say which
+            except KVStoreError:
+                log.exception("kvstore: prefetch of %d chunks failed", len(keys))
+
+    def _take_prefetch(self, keys: list[bytes]) -> Prefetch | None:
+        """The prefetch if it holds exactly `keys`; any other is dropped (its slots are unpinned
+        once its copies are done)."""
+        with self._prefetch_lock:
+            prefetch, self._prefetch = self._prefetch, None
+        if prefetch is None or prefetch.keys == keys:
+            return prefetch
+        self._hand_off(prefetch)
+        return None
 
     def start(self, meta: KVStoreConnectorMetadata, stream: Any = 0) -> None:
         """Starts the step's loads (unless started early) and saves; `stream` is the one the
@@ -187,10 +237,11 @@ class ConnectorWorker:
             log.info("kvstore: %d layer-load waits were captured into vLLM's CUDA graphs", self.captured_waits)
         keys, ids = self._batch(meta.loads)
         self._load_ids, self._load_chunks = ids, len(keys)
+        prefetch = self._take_prefetch(keys)
         try:
             self._load = self._store.begin_load(keys, self.layout, self._kernel_ids(ids),
                                                 layer_events=self._layer_events or None,
-                                                after_events=self._in_flight_events())
+                                                after_events=self._in_flight_events(), prefetch=prefetch)
             missing = self._load.missing
         except KVStoreError:
             log.exception("kvstore: load of %d chunks failed; vLLM will recompute them", len(keys))
@@ -247,7 +298,7 @@ class ConnectorWorker:
         load.close()
         self._report_failed(load.invalid)
 
-    def _hand_off(self, session: "SaveSession | LoadSession") -> None:
+    def _hand_off(self, session: "SaveSession | LoadSession | Prefetch") -> None:
         if self._finisher is None:
             self._finisher = threading.Thread(target=self._finish_loop, name="kvstore-finisher", daemon=True)
             self._finisher.start()
@@ -261,8 +312,8 @@ class ConnectorWorker:
         while (session := self._to_finish.get()) is not None:
             self._finish_one(session)
 
-    def _finish_one(self, session: "SaveSession | LoadSession") -> None:
-        if isinstance(session, LoadSession):
+    def _finish_one(self, session: "SaveSession | LoadSession | Prefetch") -> None:
+        if isinstance(session, (LoadSession, Prefetch)):
             try:
                 session.close(_TRANSFER_TIMEOUT_S)
             except KVStoreError:
@@ -311,10 +362,18 @@ class ConnectorWorker:
             self._save.abort()
             self._save = None
         self._finish_loads()
+        with self._prefetch_lock:
+            dropped, self._prefetch = self._prefetch, None
+        if dropped is not None:
+            dropped.close(_TRANSFER_TIMEOUT_S)
         if self._finisher is not None:  # publish what is in flight, then stop
             self._to_finish.put(None)
             self._finisher.join(_TRANSFER_TIMEOUT_S)
             self._finisher = None
-        for e in self._layer_events:
+        for e in self._layer_events + list(self._prefetch_events or ()):
             C.cuda_event_destroy(e)
-        self._layer_events = []
+        self._layer_events, self._prefetch_events = [], None
+        if self._prefetch_stream:
+            C.cuda_stream_destroy(self._prefetch_stream)
+            self._prefetch_stream = 0
+        self._prefetch_buffer = None
