@@ -291,8 +291,10 @@ class AgentStore:
         view = _LeasedView(self, keys, layout.chunk_nbytes(self.config.chunk_tokens), layout.fingerprint)
         return LoadSession(view, keys, layout, ids, bpc, layer_events, after_events)
 
-    def begin_save(self, keys: Sequence[bytes], layout: KVLayout, block_ids):
-        """Store.begin_save over the agent: SaveSession with slots reserved in the agent."""
+    def begin_save(self, keys: Sequence[bytes], layout: KVLayout, block_ids, depths=None):
+        """Store.begin_save over the agent: SaveSession with slots reserved in the agent. depths
+        are not sent (BEGIN_WRITE has no field for them): the agent's pool sees depth 0, i.e.
+        evicts in LRU order."""
         from .sessions import SaveSession
         keys, ids, bpc = self._validate(keys, layout, block_ids, allow_skip=False)
         return SaveSession(_SaveView(self), keys, layout, ids, bpc)
@@ -453,7 +455,7 @@ class _SaveView:
         self.config = store.config
         self.dram = self
 
-    def reserve_for_save(self, keys, nbytes, fingerprint):
+    def reserve_for_save(self, keys, nbytes, fingerprint, depths=None):
         return self._store.reserve_for_save(keys, nbytes, fingerprint)
 
     def commit_saved(self, slots: list[AgentSlot]) -> None:

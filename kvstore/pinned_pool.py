@@ -13,6 +13,7 @@ All methods are thread-safe (one lock; no I/O or copies under it).
 """
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import OrderedDict
@@ -42,6 +43,7 @@ class Slot:
     committed: bool = False
     persisted: bool = False  # a copy is durable in the SSD tier
     readers: int = 0
+    depth: int = 0           # chunk index in its token sequence (0: first chunk, or not known)
 
     @property
     def ptr(self) -> int:
@@ -80,8 +82,9 @@ class PinnedPool:
         self.pinned = False
 
     # ---- writers -----------------------------------------------------------------------------
-    def reserve(self, key: bytes, nbytes: int, fingerprint: int = 0) -> Slot | None:
-        """A writable slot for key, or None if key is already present or being written.
+    def reserve(self, key: bytes, nbytes: int, fingerprint: int = 0, depth: int = 0) -> Slot | None:
+        """A writable slot for key, or None if key is already present or being written. depth:
+        the chunk's index in its token sequence (eviction keeps prefixes, see _evict_one).
         Raises PoolFullError when nothing can be freed."""
         if nbytes <= 0:
             raise InvalidArgumentError(f"object size must be > 0, got {nbytes}")
@@ -93,7 +96,7 @@ class PinnedPool:
                 return None
             slab, index = self._take_free_slot(slot_nbytes)
             offset = index * slot_nbytes
-            slot = Slot(key, nbytes, slab.memory[offset:offset + slot_nbytes], slab, index, fingerprint)
+            slot = Slot(key, nbytes, slab.memory[offset:offset + slot_nbytes], slab, index, fingerprint, depth=depth)
             self._entries[key] = slot
             self._used_bytes += slot_nbytes
             return slot
@@ -207,9 +210,17 @@ class PinnedPool:
         return True
 
     def _evict_one(self, slot_nbytes: int) -> bool:
+        """Evicts one idle object: the least recently used one with a copy on SSD (nothing is
+        lost), else the deepest chunk among the least recently used quarter, the oldest of equal
+        depth. Keys are chained, so a chunk is worth loading only while every chunk before it is
+        stored: evicting tails before heads leaves more sequences a usable prefix. Under a
+        working set larger than DRAM (many sessions taking turns) plain LRU drops a session's
+        whole history before it returns; this keeps most sessions' first chunks instead."""
         lru = self._lru.get(slot_nbytes, {})
-        victim = next((s for s in lru.values() if s.readers == 0 and s.persisted), None) or next(
-            (s for s in lru.values() if s.readers == 0), None)
+        victim = next((s for s in lru.values() if s.readers == 0 and s.persisted), None)
+        if victim is None:
+            oldest = itertools.islice((s for s in lru.values() if s.readers == 0), max(1, len(lru) // 4))
+            victim = max(oldest, key=lambda s: s.depth, default=None)  # max() keeps the first of equals
         if victim is None:
             return False
         self._evict(victim)

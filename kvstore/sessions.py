@@ -225,11 +225,12 @@ class LoadSession:
 
 
 class SaveSession:
-    def __init__(self, store: "Store", keys: list[bytes], layout: KVLayout, ids: np.ndarray, bpc: int):
+    def __init__(self, store: "Store", keys: list[bytes], layout: KVLayout, ids: np.ndarray, bpc: int,
+                 depths=None):
         self._store = store
         self.layout = layout
         nbytes = layout.chunk_nbytes(store.config.chunk_tokens)
-        reserved, self.skipped, self.failed_keys = store.reserve_for_save(keys, nbytes, layout.fingerprint)
+        reserved, self.skipped, self.failed_keys = store.reserve_for_save(keys, nbytes, layout.fingerprint, depths)
         self._slots = [slot for _, slot in reserved]
         self._ids = _chunk_ids(ids, [c for c, _ in reserved], bpc)
         self._bpc = bpc

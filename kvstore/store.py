@@ -183,13 +183,17 @@ class Store:
         keys, ids, bpc = self._validate(keys, layout, block_ids, allow_skip=True)
         return LoadSession(self, keys, layout, ids, bpc, layer_events, after_events, prefetch)
 
-    def begin_save(self, keys: Sequence[bytes], layout: KVLayout, block_ids) -> "SaveSession":
-        """A layer-wise save of the chunks not yet stored; see sessions.py."""
+    def begin_save(self, keys: Sequence[bytes], layout: KVLayout, block_ids,
+                   depths: Sequence[int] | None = None) -> "SaveSession":
+        """A layer-wise save of the chunks not yet stored; see sessions.py. depths: each chunk's
+        index in its token sequence, if known (DRAM eviction takes deep chunks first)."""
         from .sessions import SaveSession
         keys, ids, bpc = self._validate(keys, layout, block_ids, allow_skip=False)
-        return SaveSession(self, keys, layout, ids, bpc)
+        if depths is not None and len(depths) != len(keys):
+            raise InvalidArgumentError(f"{len(depths)} depths for {len(keys)} keys")
+        return SaveSession(self, keys, layout, ids, bpc, depths)
 
-    def reserve_for_save(self, keys: list[bytes], nbytes: int, fingerprint: int
+    def reserve_for_save(self, keys: list[bytes], nbytes: int, fingerprint: int, depths: Sequence[int] | None = None
                          ) -> tuple[list[tuple[int, Slot]], int, list[bytes]]:
         """DRAM slots for the keys not stored yet: ([(index in keys, slot)], skipped, failed)."""
         slots: list[tuple[int, Slot]] = []
@@ -199,7 +203,7 @@ class Store:
                 skipped += 1
                 continue
             try:
-                slot = self.dram.reserve(key, nbytes, fingerprint)
+                slot = self.dram.reserve(key, nbytes, fingerprint, depths[i] if depths is not None else 0)
             except PoolFullError:
                 failed.append(key)
                 self.stats_counters.add("dropped", tier="dram")

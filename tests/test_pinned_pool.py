@@ -115,3 +115,20 @@ def test_preallocate_fills_the_cap_once():
     for i in range(5):
         fill(pool, i)
     assert pool.allocated_bytes == 40 * KiB and len(pool) == 5
+
+
+def test_eviction_takes_the_deepest_chunk_among_the_oldest_quarter():
+    """Chained keys: a chunk is useful only with every chunk before it, so among the least recently
+    used quarter of the idle objects the deepest goes first (the oldest of equal depth); newer
+    objects are not looked at, objects being read are skipped."""
+    pool = PinnedPool(capacity_bytes=8 * 8 * KiB, slab_bytes=64 * KiB, pin=False)
+    for i, depth in enumerate([0, 3, 1, 3, 9, 9, 9, 9]):  # LRU order
+        pool.commit(pool.reserve(key(i), 8 * KiB, depth=depth))
+    fill(pool, 100)                     # quarter: keys 0 (depth 0), 1 (3) -> key 1
+    assert not pool.contains(key(1)) and pool.contains(key(0))
+    reader = pool.acquire(key(2))       # being read (and now the most recent)
+    fill(pool, 101)                     # quarter of the idle: keys 0 (0), 3 (3) -> key 3
+    assert not pool.contains(key(3)) and pool.contains(key(2))
+    pool.release(reader)
+    fill(pool, 102)                     # keys 0 (0), 4 (9) -> key 4; the oldest, key 0, stays
+    assert not pool.contains(key(4)) and pool.contains(key(0)) and len(pool) == 8

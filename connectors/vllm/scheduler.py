@@ -31,6 +31,7 @@ class _RequestState:
     block_ids: list[int] = field(default_factory=list)
     saved_chunks: int = 0           # leading chunks stored (or being saved)
     hit_tokens: int = 0             # last answer of get_num_new_matched_tokens (tokens loadable)
+    local_hit_tokens: int = 0       # the GPU prefix hit vLLM reported with it
     load: ChunkTransfer | None = None
 
 
@@ -98,6 +99,7 @@ class ConnectorScheduler:
                 return None, False  # this step's DRAM budget is spoken for: ask again next step
             loadable_chunks = first_to_load + min(wanted, left)  # larger than any step: load what fits
         state.hit_tokens = max(loadable_chunks * self._chunk, num_computed_tokens)
+        state.local_hit_tokens = num_computed_tokens
         return max(0, state.hit_tokens - num_computed_tokens), False
 
     def keys_to_load(self, request: "Request", num_computed_tokens: int) -> list[bytes]:
@@ -119,7 +121,7 @@ class ConnectorScheduler:
         ids = state.block_ids[first_chunk * bpc:(end // self._chunk) * bpc]
         skip = (start - first_chunk * self._chunk) // self._block_size
         ids = [SKIP_BLOCK] * skip + ids[skip:]  # blocks the GPU prefix cache already holds
-        state.load = ChunkTransfer(request.request_id, state.keys[first_chunk:end // self._chunk], ids)
+        state.load = ChunkTransfer(request.request_id, state.keys[first_chunk:end // self._chunk], ids, first_chunk)
         self._step_loads += len(state.load.keys)
         state.saved_chunks = max(state.saved_chunks, end // self._chunk)
 
@@ -127,20 +129,25 @@ class ConnectorScheduler:
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVStoreConnectorMetadata:
         meta = KVStoreConnectorMetadata()
         self._step_loads = 0
+        written = meta.written_block_ids
         for req in scheduler_output.scheduled_new_reqs:
             state = self._requests.get(req.req_id)
             if state is None:
+                written.extend(req.block_ids[0])
                 continue
             state.block_ids = list(req.block_ids[0])
+            written.extend(state.block_ids[state.local_hit_tokens // self._block_size:])
             self._plan(meta, req.req_id, state, req.num_computed_tokens + scheduler_output.num_scheduled_tokens[req.req_id])
         cached = scheduler_output.scheduled_cached_reqs
         resumed_ids = getattr(cached, "resumed_req_ids", None)  # vLLM < 0.3x: resumed_from_preemption
         for i, req_id in enumerate(cached.req_ids):
             state = self._requests.get(req_id)
-            if state is None:
-                continue
             new_blocks = cached.new_block_ids[i]
             resumed = req_id in resumed_ids if resumed_ids is not None else cached.resumed_from_preemption[i]
+            if new_blocks is not None:
+                written.extend(new_blocks[0])
+            if state is None:
+                continue
             if resumed:  # after preemption the table is replaced
                 state.block_ids = list(new_blocks[0]) if new_blocks is not None else []
             elif new_blocks is not None:
@@ -159,12 +166,13 @@ class ConnectorScheduler:
         bpc = self._chunk // self._block_size
         if done_chunks > state.saved_chunks and len(state.block_ids) >= done_chunks * bpc:
             meta.saves.append(ChunkTransfer(req_id, state.keys[state.saved_chunks:done_chunks],
-                                            state.block_ids[state.saved_chunks * bpc:done_chunks * bpc]))
+                                            state.block_ids[state.saved_chunks * bpc:done_chunks * bpc],
+                                            state.saved_chunks))
             state.saved_chunks = done_chunks
 
     def request_finished(self, request: "Request", block_ids) -> tuple[bool, None]:
-        # The blocks can go: a save still gathering them is waited for on the device by every later
-        # step's forward and loads (worker.py).
+        # The blocks can go: a later step that writes one of them waits on the device for a save
+        # still gathering it (metadata.written_block_ids, worker.py).
         self._requests.pop(request.request_id, None)
         return False, None
 

@@ -11,8 +11,8 @@ Transfers finish off the step (CUDA): wait_for_save waits neither for the gather
 loads (the forward waits for those on the device). A finisher thread publishes each save's
 chunks once its last gather has completed, and unpins a load's slots once it has arrived. Until
 a save is published the blocks it reads may belong to a request that finished and may be handed
-to another: so every later step's forward (its stream) and loads wait on the device for the
-saves still in flight. The host waits only when more than _MAX_SESSIONS_IN_FLIGHT are
+to another: so a later step's forward (its stream) and loads wait on the device for the saves in
+flight that read a block the step writes (the scheduler lists those: metadata.written_block_ids). The host waits only when more than _MAX_SESSIONS_IN_FLIGHT are
 outstanding, and for loads through the agent (see _finish_loads).
 
 CUDA graphs: vLLM keeps its FULL graphs (cuda_graphs="full"). While it captures them the layer
@@ -93,8 +93,10 @@ class ConnectorWorker:
         self._load_ids: list[int] = []  # scheduler block ids of the step's loads, chunk-major
         self._load_chunks = 0
         self._save: SaveSession | None = None
-        # Saves whose gathers were enqueued, oldest first, until the finisher has published them.
-        self._saves_in_flight: list[SaveSession] = []
+        self._save_blocks = np.zeros(0, dtype=np.int64)  # scheduler block ids the step's save reads
+        # Saves whose gathers were enqueued, oldest first, until the finisher has published them,
+        # with the (sorted) block ids they read.
+        self._saves_in_flight: dict[SaveSession, np.ndarray] = {}
         self._in_flight_lock = threading.Lock()
         # Sessions the finisher thread completes off the step: saves (wait, then commit) and
         # loads (wait, then unpin their slots).
@@ -216,7 +218,7 @@ class ConnectorWorker:
             return
         if self._save is not None:  # a previous step's save that vLLM did not finish
             self._retire_save(stream)
-        self._after_saves_in_flight(stream)
+        self._after_saves_in_flight(stream, meta.written_block_ids)
         if meta.loads and meta.early_load_id and meta.early_load_id == self._early_id:
             pass  # this step's loads are running since the scheduler built meta
         else:
@@ -225,8 +227,10 @@ class ConnectorWorker:
                 self._begin_loads(meta)
         if meta.saves:
             keys, ids = self._batch(meta.saves)
+            depths = [t.first_chunk + i for t in meta.saves for i in range(len(t.keys))]
             try:
-                self._save = self._store.begin_save(keys, self.layout, self._kernel_ids(ids))
+                self._save = self._store.begin_save(keys, self.layout, self._kernel_ids(ids), depths=depths)
+                self._save_blocks = np.unique(np.asarray(ids, dtype=np.int64))
             except KVStoreError:
                 log.exception("kvstore: could not start saving %d chunks", len(keys))
                 self._save = None
@@ -241,7 +245,8 @@ class ConnectorWorker:
         try:
             self._load = self._store.begin_load(keys, self.layout, self._kernel_ids(ids),
                                                 layer_events=self._layer_events or None,
-                                                after_events=self._in_flight_events(), prefetch=prefetch)
+                                                after_events=self._in_flight_events(meta.written_block_ids),
+                                                prefetch=prefetch)
             missing = self._load.missing
         except KVStoreError:
             log.exception("kvstore: load of %d chunks failed; vLLM will recompute them", len(keys))
@@ -281,7 +286,7 @@ class ConnectorWorker:
             log.exception("kvstore: save failed; the chunks are not stored")
             return
         with self._in_flight_lock:
-            self._saves_in_flight.append(save)
+            self._saves_in_flight[save] = self._save_blocks
         self._hand_off(save)
 
     def _finish_loads(self) -> None:
@@ -326,22 +331,29 @@ class ConnectorWorker:
             log.exception("kvstore: a save did not complete; its chunks are dropped")
             ok = False
         with self._in_flight_lock:  # from here on no stream is made to wait on its event
-            self._saves_in_flight.remove(session)
+            del self._saves_in_flight[session]
         try:
             session.commit() if ok else session.abort()
         except KVStoreError:
             log.exception("kvstore: could not publish a save")
 
-    def _in_flight_events(self) -> list[int]:
+    def _in_flight_events(self, written_block_ids: list[int]) -> list[int]:
+        """Events of the saves in flight that read a block this step writes: a block a finished
+        request freed may be handed to a new one at once. (Blocks a save reads are full, so no
+        running request writes them again; only a newly allocated block can be one of them.)"""
         with self._in_flight_lock:
-            return [s.done_event for s in self._saves_in_flight]
+            if not self._saves_in_flight or not written_block_ids:
+                return []
+            written = np.asarray(written_block_ids, dtype=np.int64)
+            return [save.done_event for save, blocks in self._saves_in_flight.items()
+                    if np.isin(written, blocks, assume_unique=False).any()]
 
-    def _after_saves_in_flight(self, stream: Any) -> None:
-        """`stream` waits on the device for the saves still gathering: their blocks may have been
-        freed and handed to the requests this step computes or loads."""
+    def _after_saves_in_flight(self, stream: Any, written_block_ids: list[int]) -> None:
+        """`stream` (the step's forward) waits on the device for the saves in flight that read a
+        block it writes."""
         if not self._saves_in_flight or C.cuda_stream_is_capturing(stream):
             return
-        for event in self._in_flight_events():
+        for event in self._in_flight_events(written_block_ids):
             C.cuda_stream_wait_event(stream, event)
 
     def _report_failed(self, chunks: list[int]) -> None:

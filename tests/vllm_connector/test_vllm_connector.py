@@ -127,9 +127,13 @@ def test_prefix_saved_by_one_request_is_loaded_bit_exact_by_another(vllm_utils, 
     a = make_request(vllm_utils, 1, num_tokens=100, common_prefix_len=100)
     engine.add(a)
     _, meta = engine.step()                       # prefill tokens [0, 64): chunks 0 and 1 complete
-    assert [len(s.keys) for s in meta.saves] == [2] and not meta.loads
+    assert [(len(s.keys), s.first_chunk) for s in meta.saves] == [(2, 0)] and not meta.loads
+    _, meta = engine.step()                       # tokens [64, 100): chunk 2 completes
+    assert [(len(s.keys), s.first_chunk) for s in meta.saves] == [(1, 2)]
     engine.run_to_end()
     store = engine.worker._worker._store
+    # DRAM eviction takes deep chunks first: each slot knows its chunk's place in the sequence
+    assert [store.dram._entries[k].depth for k in meta.saves[0].keys] == [2]
     assert store.stats()["counters"]["bytes.engine->dram"] == 3 * LAYERS * 2 * CHUNK * HEADS * HEAD * 2
 
     engine.reset_gpu()
@@ -140,7 +144,7 @@ def test_prefix_saved_by_one_request_is_loaded_bit_exact_by_another(vllm_utils, 
     def check_loaded(out, meta):
         assert out.num_scheduled_tokens[b.request_id] == 100 - 64   # computed tokens advanced by the hit
         assert b.num_computed_tokens == 100  # 64 loaded + 36 computed in this step
-        assert [len(load.keys) for load in meta.loads] == [2]
+        assert [(len(load.keys), load.first_chunk) for load in meta.loads] == [(2, 0)]
         assert meta.early_load_id != 0  # started in build_connector_meta: the worker is in this process
         engine.assert_kv_exact(b, upto=64)                           # loaded before the forward
         loaded_before["ok"] = True
@@ -204,6 +208,9 @@ def test_gpu_prefix_hit_inside_a_chunk_leaves_held_blocks_alone(vllm_utils, tmp_
         assert out.num_scheduled_tokens[b.request_id] == 36
         load = meta.loads[0]
         assert load.block_ids[0] == -1 and load.block_ids[1] == blocks[3]  # chunk 1: block 2 held by the GPU
+        # what the step writes (loads and new KV): every block past the 3 the GPU already holds;
+        # a save still reading one of them would be waited for
+        assert meta.written_block_ids == list(blocks[3:])
         engine.assert_kv_exact(b, upto=64)
 
     engine.step(before_forward=mark_and_check)
