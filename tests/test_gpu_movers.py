@@ -470,6 +470,16 @@ def test_prefetched_first_layers_load_bit_exact(fit_layers):
         C.cuda_stream_destroy(stream)
 
 
+@pytest.mark.parametrize("name", ["flashinfer", "vllm-LBNHC"])
+def test_warm_up_leaves_the_cache_as_it_was(name):
+    gen = torch.Generator().manual_seed(40)
+    cache = cache_factories(3, 40, 16, 2, 64, torch.bfloat16)[name](gen)
+    buffer = torch.empty(cache.layout_gpu.chunk_nbytes(4 * 16), dtype=torch.uint8, device="cuda")
+    gpu_movers.warm_up(cache.layout_gpu, 4)
+    gpu_movers.warm_up(cache.layout_gpu, 4, buffer.data_ptr())
+    assert cache.equal()
+
+
 def test_validation_errors():
     gen = torch.Generator().manual_seed(5)
     cache = cache_factories(2, 8, 16, 2, 64, torch.bfloat16)["flashinfer"](gen)

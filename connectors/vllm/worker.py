@@ -141,6 +141,10 @@ class ConnectorWorker:
             _IN_PROCESS[self._engine_id] = self
             if self.layout.is_cuda and self._settings.prefetch_mib and not self._loads_checked_after_read:
                 self._allocate_prefetch(next(iter(kv_caches.values())).device)
+        if self.layout.is_cuda:
+            bpc = self._settings.chunk_tokens // self.layout.block_size
+            buffer = self._prefetch_buffer
+            gpu_movers.warm_up(self.layout, bpc, buffer.data_ptr() if buffer is not None else 0)
 
     def _allocate_prefetch(self, device) -> None:
         import torch
