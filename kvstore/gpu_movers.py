@@ -336,15 +336,22 @@ class LayerwiseSave(_Layerwise):
 
     def save_layer(self, layer: int, compute_stream: Any = 0) -> None:
         """Records an event on `compute_stream`; the store stream waits on it, then gathers `layer`."""
-        if layer in self._issued:
-            raise InvalidArgumentError(f"layer {layer} already saved")
-        ev = self._event(layer)
+        self.save_layers(layer, layer + 1, compute_stream)
+
+    def save_layers(self, first: int, last: int, compute_stream: Any = 0) -> None:
+        """Layers [first, last) in one gather after the work issued to `compute_stream` so far:
+        one host call instead of one per layer (for saves enqueued after the forward)."""
+        if any(layer in self._issued for layer in range(first, last)):
+            raise InvalidArgumentError(f"a layer of [{first}, {last}) was already saved")
+        ev = self._event(first)
+        self._event(last - 1)  # range check
         C.cuda_event_record(ev, stream_handle(compute_stream))
         C.cuda_stream_wait_event(self.stream, ev)
-        self._plan.gather(layer, layer + 1, path=self.path, ctas=self.ctas, piece_bytes=self.piece_bytes)
-        C.cuda_event_record(ev, self.stream)  # re-recorded: now marks the end of this layer's gather
-        self._issued.add(layer)
-        self.last_event = ev
+        self._plan.gather(first, last, path=self.path, ctas=self.ctas, piece_bytes=self.piece_bytes)
+        for layer in range(first, last):  # each re-recorded: now marks the end of the gathers
+            C.cuda_event_record(self._event(layer), self.stream)
+            self._issued.add(layer)
+        self.last_event = self._event(last - 1)
 
     def wait(self, timeout_s: float | None = 60.0) -> None:
         """Host wait until every saved layer is in the objects."""

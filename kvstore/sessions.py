@@ -260,6 +260,7 @@ class SaveSession:
             raise InvalidArgumentError(f"layer {layer} outside [0, {self.layout.num_layers})")
         self._gpu.save_layer(layer, stream)
         self._saved_layers.add(layer)
+        trace.mark("save.layer")
 
     def enqueue_rest(self, stream: Any = 0) -> None:
         """Gathers the layers not saved yet after the work already issued to `stream` (by default
@@ -268,7 +269,10 @@ class SaveSession:
         if not self._slots or self._gathered:
             return
         try:
-            if self._gpu is not None:
+            if self._gpu is not None and not self._saved_layers:  # all of them: one gather
+                self._gpu.save_layers(0, self.layout.num_layers, stream)
+                self._saved_layers.update(range(self.layout.num_layers))
+            elif self._gpu is not None:
                 for layer in range(self.layout.num_layers):
                     if layer not in self._saved_layers:
                         self._gpu.save_layer(layer, stream)

@@ -126,12 +126,19 @@ def multi_turn(llm, users: int, turns: int, context_tokens: int, question_tokens
     prompts and answers) plus a new question. Requests run one at a time."""
     rng = random.Random(13)
     history = [_tokens(rng, context_tokens) for _ in range(users)]
-    ttfts, first_turns, rows = [], [], []
+    ttfts, first_turns, rows, timelines = [], [], [], []
     t = time.perf_counter()
     for turn in range(turns):
         for u in range(users):
             prompt = history[u] + _tokens(rng, question_tokens)
+            traced = turn == 1 and u < 3  # host timelines of a few GPU-hit turns
+            if traced:
+                trace.start()
+                t0 = time.perf_counter()
             row = run_requests(llm, [prompt], max_tokens=answer_tokens)[0]
+            if traced:
+                timelines.append([(name, round((ns * 1e-9 - t0) * 1e3, 3)) for name, ns in trace.stop()]
+                                 + [("ttft", round(row["ttft_ms"], 3))])
             (first_turns if turn == 0 else ttfts).append(row["ttft_ms"])
             rows.append([turn, u, len(prompt), round(row["ttft_ms"], 3)])
             history[u] = prompt + row["tokens"]
@@ -148,7 +155,8 @@ def multi_turn(llm, users: int, turns: int, context_tokens: int, question_tokens
               "later_turns_ttft_p99_ms": p(ttfts, 0.99) if ttfts else None,
               "first_turn_ttft_p50_ms": statistics.median(first_turns), "first_turn_ttft_max_ms": max(first_turns),
               "total_s": total, "final_context_tokens": statistics.mean(len(h) for h in history),
-              "turns": {"columns": ["turn", "user", "prompt_tokens", "ttft_ms"], "rows": rows}}
+              "turns": {"columns": ["turn", "user", "prompt_tokens", "ttft_ms"], "rows": rows},
+              "timelines_turn1": timelines}
     print(f"  multi-turn: p50 {result['ttft_p50_ms']:.1f} ms, p99 {result['ttft_p99_ms']:.1f} ms, total {total:.1f} s; "
           f"turns 2..{turns}: p50 {result['later_turns_ttft_p50_ms']:.1f} ms, p99 {result['later_turns_ttft_p99_ms']:.1f} ms; "
           f"first turns (cold): p50 {result['first_turn_ttft_p50_ms']:.1f} ms, max {result['first_turn_ttft_max_ms']:.1f} ms",

@@ -257,7 +257,7 @@ class ConnectorWorker:
             self._load, missing = None, list(range(len(keys)))
         self._report_failed(missing)
         if not self._settings.layerwise:  # everything arrives before the forward starts
-            self._finish_loads()
+            self._finish_loads(wait=True)
 
     def wait_for_layer_load(self, layer_name: str, stream: Any) -> None:
         if self._load is not None:
@@ -293,15 +293,16 @@ class ConnectorWorker:
             self._saves_in_flight[save] = self._save_blocks
         self._hand_off(save)
 
-    def _finish_loads(self) -> None:
-        """Closes the step's loads. The forward already waits for them on the device; the host
-        waits only where slots are checked after the reads (the agent's generations: a chunk
-        read from a reused slot is reported for recompute). Else the finisher unpins the slots
+    def _finish_loads(self, wait: bool = False) -> None:
+        """Closes the step's loads. Layer-wise, the forward already waits for them on the device;
+        the host waits only where slots are checked after the reads (the agent's generations: a
+        chunk read from a reused slot is reported for recompute), or with `wait` (loads that are
+        not layer-wise: the forward has no waits of its own). Else the finisher unpins the slots
         once the loads have arrived, and vLLM goes on to sampling at once."""
         if self._load is None:
             return
         load, self._load = self._load, None
-        if load.on_gpu and not self._loads_checked_after_read:
+        if load.on_gpu and not wait and not self._loads_checked_after_read:
             self._hand_off(load)
             return
         load.close()
