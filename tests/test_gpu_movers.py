@@ -355,6 +355,15 @@ def test_layerwise_save_after_compute():
             assert np.array_equal(objs.got(i), ref.ref[i]), (path, i)
 
 
+def assert_blocks_hold(cache: Cache, ids, bpc: int, ref: "Objects") -> None:
+    """The GPU blocks `ids` hold what ref.ref holds (gathered by the CPU reference mover)."""
+    now = [t.cpu() for t in cache.gpu]
+    got = Objects(len(ref.ref), ref.nbytes)
+    C.gather(cache.build(now).native, ids, got.ref_ptrs, bpc, 0, cache.layout_cpu.num_layers)
+    for i in range(len(ref.ref)):
+        assert np.array_equal(got.ref[i], ref.ref[i]), i
+
+
 def test_saves_finish_off_the_step_and_later_writes_wait_for_them(tmp_path):
     """What the vLLM worker relies on for saves that finish off the step. enqueue_rest returns
     while the gathers are still held behind the "forward" (a GPU sleep); nothing is visible before
@@ -404,11 +413,7 @@ def test_saves_finish_off_the_step_and_later_writes_wait_for_them(tmp_path):
         finally:
             C.cuda_event_destroy(event)
         assert load.loaded_chunks == n and not load.invalid
-        now = [t.cpu() for t in cache.gpu]
-        got = Objects(n, ref.nbytes)
-        C.gather(cache.build(now).native, ids, got.ref_ptrs, bpc, 0, L)
-        for i in range(n):
-            assert np.array_equal(got.ref[i], ref.ref[i]), i
+        assert_blocks_hold(cache, ids, bpc, ref)
 
 
 @pytest.mark.parametrize("fit_layers", [1, 3, 4])
@@ -458,11 +463,7 @@ def test_prefetched_first_layers_load_bit_exact(fit_layers):
             load.close(30)
             other.close(30)
             assert load.loaded_chunks == n and not load.missing
-            now = [t.cpu() for t in cache.gpu]
-            got = Objects(n, ref.nbytes)
-            C.gather(cache.build(now).native, ids, got.ref_ptrs, bpc, 0, L)
-            for i in range(n):
-                assert np.array_equal(got.ref[i], ref.ref[i]), i
+            assert_blocks_hold(cache, ids, bpc, ref)
             assert store.evict("dram") == n  # nothing is left pinned
     finally:
         for e in [copied, read, *layer_events]:
