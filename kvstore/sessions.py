@@ -99,8 +99,9 @@ class Prefetch:
         self.copied_event, self.read_event = copied_event, read_event
         try:
             C.cuda_stream_wait_event(stream, read_event)
-            C.cuda_memcpy_segments(np.array(self.device_ptrs, np.uint64), np.array([s.ptr for s in self._slots], np.uint64),
-                                   np.full(len(keys), span, np.int64), stream, C.cuda_batch_memcpy_supported())
+            sources = np.array([s.ptr for s in self._slots], np.uint64)
+            C.cuda_memcpy_segments(np.array(self.device_ptrs, np.uint64), sources, np.full(len(keys), span, np.int64),
+                                   stream, C.cuda_batch_memcpy_supported())
             C.cuda_event_record(copied_event, stream)
         except BaseException:
             self._release()

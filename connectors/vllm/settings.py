@@ -60,7 +60,8 @@ class ConnectorSettings:
         if cuda_graphs not in ("full", "piecewise"):
             raise ConfigError(f"kv_connector_extra_config.cuda_graphs must be 'full' or 'piecewise', got {cuda_graphs!r}")
         lookup_wait_ms = extra.get("lookup_wait_ms", 100)
-        if isinstance(lookup_wait_ms, bool) or not isinstance(lookup_wait_ms, int) or not 0 <= lookup_wait_ms <= 10_000:
+        if (isinstance(lookup_wait_ms, bool) or not isinstance(lookup_wait_ms, int)
+                or not 0 <= lookup_wait_ms <= 10_000):
             raise ConfigError(f"kv_connector_extra_config.lookup_wait_ms must be an integer in [0, 10000], "
                               f"got {lookup_wait_ms!r}")
         prefetch_mib = extra.get("prefetch_mib", 256)

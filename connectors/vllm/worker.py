@@ -12,8 +12,9 @@ loads (the forward waits for those on the device). A finisher thread publishes e
 chunks once its last gather has completed, and unpins a load's slots once it has arrived. Until
 a save is published the blocks it reads may belong to a request that finished and may be handed
 to another: so a later step's forward (its stream) and loads wait on the device for the saves in
-flight that read a block the step writes (the scheduler lists those: metadata.written_block_ids). The host waits only when more than _MAX_SESSIONS_IN_FLIGHT are
-outstanding, and for loads through the agent (see _finish_loads).
+flight that read a block the step writes (the scheduler lists those: written_block_ids). The
+host waits only when more than _MAX_SESSIONS_IN_FLIGHT are outstanding, for loads through the
+agent, and for loads that are not layer-wise (see _finish_loads).
 
 CUDA graphs: vLLM keeps its FULL graphs (cuda_graphs="full"). While it captures them the layer
 hooks put a wait on a per-layer event into the graph; every load records those same events, so a
@@ -24,7 +25,9 @@ the forward on the current stream.
 Early start: when this worker lives in the scheduler's process (one GPU, vLLM's in-process
 executor), the scheduler half hands it the step's metadata as soon as it is built and the loads
 start then, not at start_load_kv: the 2-6 ms vLLM spends preparing the step's inputs overlap the
-transfer. The metadata carries early_load_id so start_load_kv does not load twice.
+transfer. The metadata carries early_load_id so start_load_kv does not load twice. Earlier still,
+when the scheduler half promises a request's hits (get_num_new_matched_tokens), prefetch() copies
+the first layers that fit a device buffer while vLLM allocates the blocks (sessions.Prefetch).
 """
 from __future__ import annotations
 

@@ -290,6 +290,10 @@ def test_unknown_extra_config_key_is_rejected_by_name(vllm_utils, tmp_path):
         KVStoreConnector(config, KVConnectorRole.WORKER, None)
     with pytest.raises(ConfigError, match="multiple of the block size"):
         KVStoreConnector(make_config(vllm_utils, tmp_path, chunk_tokens=40), KVConnectorRole.WORKER, None)
+    for key, bad in [("lookup_wait_ms", -1), ("lookup_wait_ms", True), ("prefetch_mib", "256"),
+                     ("prefetch_mib", 1 << 20)]:
+        with pytest.raises(ConfigError, match=key):
+            KVStoreConnector(make_config(vllm_utils, tmp_path, **{key: bad}), KVConnectorRole.SCHEDULER, None)
 
 
 def test_plugin_registers_by_name_once(vllm_utils, tmp_path):
