@@ -195,7 +195,8 @@ class AgentCore:
             return None, ""
 
     # ---- writes ------------------------------------------------------------------------------
-    def begin_write(self, client: ClientState, nbytes: int, fingerprint: int, keys: list[bytes]) -> Slots:
+    def begin_write(self, client: ClientState, nbytes: int, fingerprint: int, keys: list[bytes],
+                    depths: list[int] | None = None) -> Slots:
         self._check_nbytes(nbytes)
         n = len(keys)
         offsets, gens = np.zeros(n, dtype=np.uint64), np.zeros(n, dtype=np.uint64)
@@ -204,7 +205,7 @@ class AgentCore:
             if key in client.reservations or (self.ssd is not None and self.ssd.contains(key)):
                 continue
             try:
-                slot = self.dram.reserve(key, nbytes, fingerprint)
+                slot = self.dram.reserve(key, nbytes, fingerprint, depths[i] if depths else 0)
             except PoolFullError:
                 states[i] = SlotState.FULL
                 self.stats.add("dropped", tier="dram")

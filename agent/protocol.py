@@ -18,7 +18,10 @@ Request bodies (n = key count, keys = n * 16 bytes):
                                                              in progress; a later LOOKUP may hit)
     BEGIN_READ   nbytes u64 | fingerprint u64 | n | keys  -> lease u64 | Slots (pinned until END_READ)
     END_READ     lease u64                                -> empty
-    BEGIN_WRITE  nbytes u64 | fingerprint u64 | n | keys  -> Slots (RESERVED slots belong to the caller)
+    BEGIN_WRITE  nbytes u64 | fingerprint u64 | n | keys [| depths u32[n]]
+                                                          -> Slots (RESERVED slots belong to the caller);
+                                                             depths: each chunk's index in its token
+                                                             sequence, for eviction (absent: 0)
     COMMIT/ABORT n u32 | keys                             -> empty; every key must be reserved by
                                                              this connection, else UNKNOWN_KEY and
                                                              nothing changes
@@ -43,7 +46,7 @@ MAGIC = b"KVA1"
 HEADER = struct.Struct("<4sHHII")
 KEY_NBYTES = 16
 MAX_KEYS = 16384
-MAX_BODY_NBYTES = 64 + MAX_KEYS * KEY_NBYTES  # the largest request: BEGIN_WRITE of MAX_KEYS keys
+MAX_BODY_NBYTES = 64 + MAX_KEYS * (KEY_NBYTES + 4)  # the largest: BEGIN_WRITE of MAX_KEYS keys, depths
 MAX_REPLY_NBYTES = 16 << 20                   # a client refuses larger replies
 MAX_NAME_NBYTES = 64
 
@@ -189,6 +192,28 @@ def decode_sized_keys(body: bytes | memoryview) -> tuple[int, int, list[bytes]]:
         raise ProtocolError("body too short for (nbytes, fingerprint, count)")
     nbytes, fingerprint, _ = _SIZED.unpack_from(body)
     return nbytes, fingerprint, decode_keys(body, _SIZED.size - _COUNT.size)
+
+
+def encode_write(nbytes: int, fingerprint: int, keys: list[bytes], depths=None) -> bytes:
+    """BEGIN_WRITE: encode_sized_keys, then the chunks' depths if given."""
+    body = encode_sized_keys(nbytes, fingerprint, keys)
+    if depths is None:
+        return body
+    if len(depths) != len(keys):
+        raise InvalidArgumentError(f"{len(depths)} depths for {len(keys)} keys")
+    return body + np.asarray(depths, dtype="<u4").tobytes()
+
+
+def decode_write(body: bytes | memoryview) -> tuple[int, int, list[bytes], list[int] | None]:
+    """(nbytes, fingerprint, keys, depths or None) of a BEGIN_WRITE body."""
+    if len(body) < _SIZED.size:
+        raise ProtocolError("body too short for (nbytes, fingerprint, count)")
+    (n,) = _COUNT.unpack_from(body, _SIZED.size - _COUNT.size)
+    keys_end = _SIZED.size + n * KEY_NBYTES
+    if len(body) == keys_end + 4 * n and n:
+        depths = np.frombuffer(bytes(body[keys_end:]), dtype="<u4").tolist()
+        return (*decode_sized_keys(body[:keys_end]), depths)
+    return (*decode_sized_keys(body), None)
 
 
 @dataclass(frozen=True)

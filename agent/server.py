@@ -206,8 +206,8 @@ class AgentServer:
             core.end_read(client, P.decode_u64(body))
             return b"", []
         if op == P.Op.BEGIN_WRITE:
-            nbytes, fingerprint, keys = P.decode_sized_keys(body)
-            return core.begin_write(client, nbytes, fingerprint, keys).encode(), []
+            nbytes, fingerprint, keys, depths = P.decode_write(body)
+            return core.begin_write(client, nbytes, fingerprint, keys, depths).encode(), []
         if op == P.Op.COMMIT:
             core.commit(client, P.decode_keys(body))
             return b"", []

@@ -136,8 +136,8 @@ class SharedPool(PinnedPool):
     def offset(self, slot: Slot) -> int:
         return slot.ptr - self.file.data_ptr
 
-    def reserve(self, key: bytes, nbytes: int, fingerprint: int = 0) -> Slot | None:
-        slot = super().reserve(key, nbytes, fingerprint)
+    def reserve(self, key: bytes, nbytes: int, fingerprint: int = 0, depth: int = 0) -> Slot | None:
+        slot = super().reserve(key, nbytes, fingerprint, depth)
         if slot is not None:
             self.file.generations[self.offset(slot) // PAGE] += 1
         return slot

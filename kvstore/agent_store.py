@@ -131,24 +131,25 @@ class AgentStore:
         self.stats_counters.add("bytes", stored * nbytes, tier="engine", dst="agent")
         return SaveResult(stored, skipped, failed)
 
-    def reserve_for_save(self, keys: list[bytes], nbytes: int, fingerprint: int
+    def reserve_for_save(self, keys: list[bytes], nbytes: int, fingerprint: int, depths=None
                          ) -> tuple[list[tuple[int, AgentSlot]], int, list[bytes]]:
         """Slots for the keys not stored yet: ([(index in keys, slot)], skipped, failed); the
-        pool stays mapped until commit_saved / abort (the session contract of Store)."""
+        pool stays mapped until commit_saved / abort (the session contract of Store). depths:
+        as in Store.begin_save, sent with BEGIN_WRITE."""
         pool = self._acquire_pool()
-        slots, skipped, failed = self._reserve(pool, keys, nbytes, fingerprint)
+        slots, skipped, failed = self._reserve(pool, keys, nbytes, fingerprint, depths)
         if not slots:
             self._release_pool(pool)
         else:
             self._session_pools[id(slots[0][1])] = pool
         return slots, skipped, failed
 
-    def _reserve(self, pool: PoolRef | None, keys: list[bytes], nbytes: int, fingerprint: int
+    def _reserve(self, pool: PoolRef | None, keys: list[bytes], nbytes: int, fingerprint: int, depths=None
                  ) -> tuple[list[tuple[int, AgentSlot]], int, list[bytes]]:
         if pool is None:
             return [], 0, list(keys)
         try:
-            body = self.client.request(P.Op.BEGIN_WRITE, P.encode_sized_keys(nbytes, fingerprint, keys))
+            body = self.client.request(P.Op.BEGIN_WRITE, P.encode_write(nbytes, fingerprint, keys, depths))
             reply = P.Slots.decode(body)
         except P.AgentUnavailableError as e:
             self._degraded("save", e)
@@ -292,12 +293,13 @@ class AgentStore:
         return LoadSession(view, keys, layout, ids, bpc, layer_events, after_events)
 
     def begin_save(self, keys: Sequence[bytes], layout: KVLayout, block_ids, depths=None):
-        """Store.begin_save over the agent: SaveSession with slots reserved in the agent. depths
-        are not sent (BEGIN_WRITE has no field for them): the agent's pool sees depth 0, i.e.
-        evicts in LRU order."""
+        """Store.begin_save over the agent: SaveSession with slots reserved in the agent (the
+        chunks' depths go with BEGIN_WRITE)."""
         from .sessions import SaveSession
         keys, ids, bpc = self._validate(keys, layout, block_ids, allow_skip=False)
-        return SaveSession(_SaveView(self), keys, layout, ids, bpc)
+        if depths is not None and len(depths) != len(keys):
+            raise InvalidArgumentError(f"{len(depths)} depths for {len(keys)} keys")
+        return SaveSession(_SaveView(self), keys, layout, ids, bpc, depths)
 
     def record_load(self, hits: dict[str, int], requested: int, loaded: int, nbytes: int) -> None:
         from .store import Store
@@ -456,7 +458,7 @@ class _SaveView:
         self.dram = self
 
     def reserve_for_save(self, keys, nbytes, fingerprint, depths=None):
-        return self._store.reserve_for_save(keys, nbytes, fingerprint)
+        return self._store.reserve_for_save(keys, nbytes, fingerprint, depths)
 
     def commit_saved(self, slots: list[AgentSlot]) -> None:
         self._store.commit_saved(slots)

@@ -32,18 +32,19 @@ CHUNK = 8
 class Agent:
     """`python -m kvstore.agent` on tmp_path/agent.sock, SSD in tmp_path/ssd."""
 
-    def __init__(self, tmp_path: Path, dram: str = "8MiB"):
+    def __init__(self, tmp_path: Path, dram: str = "8MiB", ssd: bool = True, extra: tuple[str, ...] = ()):
         self.tmp_path = tmp_path
         self.socket = str(tmp_path / "agent.sock")
-        self.ssd = str(tmp_path / "ssd")
+        self.ssd = str(tmp_path / "ssd") if ssd else "none"
         self.dram = dram
+        self.extra = list(extra)  # more command-line flags (later --set wins)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Agent":
         cmd = [sys.executable, "-m", "kvstore.agent", "--socket", self.socket, "--dram-capacity", self.dram,
                "--ssd-path", self.ssd, "--ssd-capacity", "64MiB", "--set", "ssd_slab_bytes=4MiB",
                "--set", "dram_slab_bytes=1MiB", "--set", "cpu_threads=1", "--set", "io_threads=2",
-               "--drain-s", "0.5"]
+               "--drain-s", "0.5", *self.extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         line = self.proc.stdout.readline()
         assert "listening" in line, f"agent did not start: {line}{self.proc.stdout.read() if self.proc.poll() is not None else ''}"
@@ -516,3 +517,28 @@ def test_lookup_waits_for_keys_another_process_is_still_saving(agent):
             client.close()
     finally:
         store.close()
+
+
+def test_the_agent_evicts_deep_chunks_first_with_the_depths_a_save_sends(tmp_path):
+    """BEGIN_WRITE carries each chunk's depth: the agent's full DRAM evicts the deepest chunk of
+    its least recently used quarter (here chunk 1 of 0..7), so the sequence keeps a usable prefix
+    where LRU would have dropped chunk 0 and with it the whole sequence."""
+    agent = Agent(tmp_path, dram="32KiB", ssd=False, extra=("--set", "dram_slab_bytes=32KiB")).start()
+    store = agent_store(agent)
+    try:
+        cache, keys, ids = request(seed=93, chunks=8)  # 8 objects of 1.5 KiB: one 4 KiB slot each fills DRAM
+        with pytest.raises(kvstore.InvalidArgumentError):
+            store.begin_save(keys, cache.layout, ids, depths=[0, 1])
+        client = AgentClient(agent.socket, timeout_s=5)
+        try:  # depths that are not one u32 per key: refused, nothing reserved
+            with pytest.raises(P.AgentError, match="does not hold"):
+                client.request(P.Op.BEGIN_WRITE, P.encode_sized_keys(1536, 0, keys[:2]) + b"\0" * 6)
+        finally:
+            client.close()
+        assert store.begin_save(keys, cache.layout, ids, depths=list(range(8))).finish() == 8
+        other, more, more_ids = request(seed=94, chunks=1)
+        assert store.save(more, other.layout, more_ids).wait(10).stored == 1
+        assert store.lookup(keys) == 1 and store.lookup(keys[2:]) == 6 and store.lookup(more) == 1
+    finally:
+        store.close()
+        agent.stop()
