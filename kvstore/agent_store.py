@@ -58,6 +58,11 @@ class AgentStore:
         self._close_lock = threading.Lock()
         self._last_warning = 0.0
         self._session_pools: dict[int, PoolRef] = {}  # id(first slot) -> pool mapped for a SaveSession
+        # Agents are long-lived: one started by an older kvstore answers LOOKUP_WRITING and the
+        # depths of BEGIN_WRITE as malformed. Then this store stops using them (plain lookups
+        # and LRU eviction there) instead of failing every lookup or save.
+        self._agent_has_lookup_writing = True
+        self._agent_has_write_depths = True
         if auto:  # join (or start) the node's agent now: engines share one cache from the first step
             try:
                 self.client.request(P.Op.STATUS)
@@ -75,12 +80,20 @@ class AgentStore:
             return 0
         start = time.perf_counter()
         deadline = time.monotonic() + wait_s
-        op = P.Op.LOOKUP_WRITING if wait_s > 0 else P.Op.LOOKUP
+        op = P.Op.LOOKUP_WRITING if wait_s > 0 and self._agent_has_lookup_writing else P.Op.LOOKUP
         n, pause = 0, 2e-4
         try:
             while n < len(keys):
                 part = keys[n:n + P.MAX_KEYS]
-                states = np.frombuffer(self.client.request(op, P.encode_keys(part)), dtype=np.uint8)
+                try:
+                    reply = self.client.request(op, P.encode_keys(part))
+                except P.ProtocolError:
+                    if op != P.Op.LOOKUP_WRITING:
+                        raise
+                    self._agent_has_lookup_writing, op = False, P.Op.LOOKUP
+                    log.warning("kvstore: the agent does not know LOOKUP_WRITING (older version): plain lookups")
+                    continue
+                states = np.frombuffer(reply, dtype=np.uint8)
                 if len(states) != len(part):
                     raise P.ProtocolError(f"LOOKUP answered {len(states)} of {len(part)} keys")
                 stops = np.flatnonzero((states == 0) | (states == 4))
@@ -149,7 +162,16 @@ class AgentStore:
         if pool is None:
             return [], 0, list(keys)
         try:
-            body = self.client.request(P.Op.BEGIN_WRITE, P.encode_write(nbytes, fingerprint, keys, depths))
+            if not self._agent_has_write_depths:
+                depths = None
+            try:
+                body = self.client.request(P.Op.BEGIN_WRITE, P.encode_write(nbytes, fingerprint, keys, depths))
+            except P.ProtocolError:
+                if depths is None:
+                    raise
+                self._agent_has_write_depths = False
+                log.warning("kvstore: the agent does not take chunk depths (older version): saving without")
+                body = self.client.request(P.Op.BEGIN_WRITE, P.encode_sized_keys(nbytes, fingerprint, keys))
             reply = P.Slots.decode(body)
         except P.AgentUnavailableError as e:
             self._degraded("save", e)

@@ -32,7 +32,9 @@ CHUNK = 8
 class Agent:
     """`python -m kvstore.agent` on tmp_path/agent.sock, SSD in tmp_path/ssd."""
 
-    def __init__(self, tmp_path: Path, dram: str = "8MiB", ssd: bool = True, extra: tuple[str, ...] = ()):
+    def __init__(self, tmp_path: Path, dram: str = "8MiB", ssd: bool = True, extra: tuple[str, ...] = (),
+                 launcher: tuple[str, ...] = (sys.executable, "-m", "kvstore.agent")):
+        self.launcher = list(launcher)
         self.tmp_path = tmp_path
         self.socket = str(tmp_path / "agent.sock")
         self.ssd = str(tmp_path / "ssd") if ssd else "none"
@@ -41,7 +43,7 @@ class Agent:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Agent":
-        cmd = [sys.executable, "-m", "kvstore.agent", "--socket", self.socket, "--dram-capacity", self.dram,
+        cmd = [*self.launcher, "--socket", self.socket, "--dram-capacity", self.dram,
                "--ssd-path", self.ssd, "--ssd-capacity", "64MiB", "--set", "ssd_slab_bytes=4MiB",
                "--set", "dram_slab_bytes=1MiB", "--set", "cpu_threads=1", "--set", "io_threads=2",
                "--drain-s", "0.5", *self.extra]
@@ -539,6 +541,43 @@ def test_the_agent_evicts_deep_chunks_first_with_the_depths_a_save_sends(tmp_pat
         other, more, more_ids = request(seed=94, chunks=1)
         assert store.save(more, other.layout, more_ids).wait(10).stored == 1
         assert store.lookup(keys) == 1 and store.lookup(keys[2:]) == 6 and store.lookup(more) == 1
+    finally:
+        store.close()
+        agent.stop()
+
+
+# The agent as released before LOOKUP_WRITING and BEGIN_WRITE depths: the same daemon whose server
+# refuses both as an older one does (unknown op; a body that is not n keys).
+OLDER_AGENT = textwrap.dedent("""
+    import sys
+    from kvstore.agent import protocol as P, server
+    from kvstore.agent.daemon import main
+    handle = server.AgentServer._handle
+    def older(self, client, op, body):
+        if op == P.Op.LOOKUP_WRITING:
+            raise P.ProtocolError(f"unknown op {op}")
+        if op == P.Op.BEGIN_WRITE:
+            P.decode_sized_keys(body)
+        return handle(self, client, op, body)
+    server.AgentServer._handle = older
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_an_agent_of_an_older_version_still_serves_lookups_and_saves(tmp_path, caplog):
+    """Agents outlive engines: against one that knows neither LOOKUP_WRITING nor depths, a waiting
+    lookup falls back to plain lookups and a save with depths to one without, instead of failing."""
+    agent = Agent(tmp_path, launcher=(sys.executable, "-c", OLDER_AGENT)).start()
+    store = agent_store(agent)
+    try:
+        cache, keys, ids = request(seed=95, chunks=3)
+        assert store.lookup(keys, wait_s=0.5) == 0
+        assert store.begin_save(keys, cache.layout, ids, depths=[0, 1, 2]).finish() == 3
+        assert store.lookup(keys, wait_s=0.5) == 3 and store.lookup(keys) == 3
+        poisoned = vllm(np.random.default_rng(1), "LBNHC", B=4 * 3)
+        assert store.load(keys, poisoned.layout, ids).wait(10).complete
+        assert all(np.array_equal(a, b) for a, b in zip(objects(poisoned, ids), objects(cache, ids)))
+        assert "does not know LOOKUP_WRITING" in caplog.text and "does not take chunk depths" in caplog.text
     finally:
         store.close()
         agent.stop()
