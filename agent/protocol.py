@@ -47,6 +47,7 @@ HEADER = struct.Struct("<4sHHII")
 KEY_NBYTES = 16
 MAX_KEYS = 16384
 MAX_BODY_NBYTES = 64 + MAX_KEYS * (KEY_NBYTES + 4)  # the largest: BEGIN_WRITE of MAX_KEYS keys, depths
+PRE_DEPTHS_MAX_BODY_NBYTES = 64 + MAX_KEYS * KEY_NBYTES  # what agents before BEGIN_WRITE depths accept
 MAX_REPLY_NBYTES = 16 << 20                   # a client refuses larger replies
 MAX_NAME_NBYTES = 64
 

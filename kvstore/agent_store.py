@@ -63,6 +63,7 @@ class AgentStore:
         # and LRU eviction there) instead of failing every lookup or save.
         self._agent_has_lookup_writing = True
         self._agent_has_write_depths = True
+        self._probed_connection = self.client.reconnects
         if auto:  # join (or start) the node's agent now: engines share one cache from the first step
             try:
                 self.client.request(P.Op.STATUS)
@@ -80,6 +81,7 @@ class AgentStore:
             return 0
         start = time.perf_counter()
         deadline = time.monotonic() + wait_s
+        self._reprobe_after_reconnect()
         op = P.Op.LOOKUP_WRITING if wait_s > 0 and self._agent_has_lookup_writing else P.Op.LOOKUP
         n, pause = 0, 2e-4
         try:
@@ -162,12 +164,14 @@ class AgentStore:
         if pool is None:
             return [], 0, list(keys)
         try:
-            if not self._agent_has_write_depths:
-                depths = None
+            self._reprobe_after_reconnect()
+            request = P.encode_write(nbytes, fingerprint, keys, depths if self._agent_has_write_depths else None)
+            if len(request) > P.PRE_DEPTHS_MAX_BODY_NBYTES:  # an older agent would drop the connection
+                request = P.encode_sized_keys(nbytes, fingerprint, keys)
             try:
-                body = self.client.request(P.Op.BEGIN_WRITE, P.encode_write(nbytes, fingerprint, keys, depths))
+                body = self.client.request(P.Op.BEGIN_WRITE, request)
             except P.ProtocolError:
-                if depths is None:
+                if len(request) == len(P.encode_sized_keys(nbytes, fingerprint, keys)):
                     raise
                 self._agent_has_write_depths = False
                 log.warning("kvstore: the agent does not take chunk depths (older version): saving without")
@@ -371,6 +375,12 @@ class AgentStore:
         self.close()
 
     # ---- helpers -----------------------------------------------------------------------------
+    def _reprobe_after_reconnect(self) -> None:
+        """A new connection may be to a restarted (newer) agent: try its newer requests again."""
+        if self.client.reconnects != self._probed_connection:
+            self._probed_connection = self.client.reconnects
+            self._agent_has_lookup_writing = self._agent_has_write_depths = True
+
     def _release_session_pool(self, slots: list[AgentSlot]) -> None:
         pool = self._session_pools.pop(id(slots[0]), None) if slots else None
         if pool is not None:

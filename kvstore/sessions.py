@@ -10,8 +10,9 @@ stream) gathers layer l once the engine's stream has computed it; enqueue_rest()
 left without waiting (done_event completes with it), commit() waits, publishes the slots and
 queues write-back; finish() does both.
 
-Slots stay pinned (readers / writers) until close() or finish(), so DRAM eviction never takes
-memory a transfer still uses. Both sessions are single-threaded objects (one engine step).
+Slots stay pinned (readers / writers) until close() or commit(), so DRAM eviction never takes
+memory a transfer still uses. A session is used by one thread at a time (the engine's; the vLLM
+worker hands a save to its finisher thread to wait and commit).
 """
 from __future__ import annotations
 
@@ -51,14 +52,20 @@ def _acquire(store, keys: list[bytes], layout: KVLayout) -> tuple[list[Slot | No
     nbytes = layout.chunk_nbytes(store.config.chunk_tokens)
     slots: list[Slot | None] = []
     hits = {"dram": 0, "ssd": 0}
-    for key in keys:
-        try:
-            slot, tier = store.acquire_for_load(key, nbytes, layout.fingerprint)
-        except PoolFullError:  # DRAM holds only what this batch pinned: the rest recomputes
-            slot, tier = None, ""
-        slots.append(slot)
-        if slot is not None:
-            hits[tier] += 1
+    try:
+        for key in keys:
+            try:
+                slot, tier = store.acquire_for_load(key, nbytes, layout.fingerprint)
+            except PoolFullError:  # DRAM holds only what this batch pinned: the rest recomputes
+                slot, tier = None, ""
+            slots.append(slot)
+            if slot is not None:
+                hits[tier] += 1
+    except BaseException:  # e.g. an SSD read error: unpin what this call pinned
+        for slot in slots:
+            if slot is not None:
+                store.dram.release(slot)
+        raise
     return slots, hits
 
 
@@ -107,6 +114,10 @@ class Prefetch:
             self._release()
             raise
         self._stream = stream
+
+    @property
+    def holds_slots(self) -> bool:
+        return bool(self._slots)
 
     def take_slots(self) -> list[Slot]:
         """Hands the pinned slots to the load that uses this prefetch."""
@@ -298,23 +309,31 @@ class SaveSession:
 
     def commit(self, timeout_s: float = 60.0) -> int:
         """Waits for the gathers (see wait), publishes the slots and queues write-back; returns
-        the number of chunks stored. Call after enqueue_rest."""
+        the number of chunks stored. Call after enqueue_rest. The CUDA handle (stream, events,
+        plan) stays until release_gpu(): another thread may still be making a stream wait on
+        done_event."""
         if not self._slots:
             return 0
         if not self._gathered:
             raise InvalidArgumentError("SaveSession.commit before enqueue_rest")
         self.wait(timeout_s)
-        if self._gpu is not None:
-            self._gpu.close()
-            self._gpu = None
         slots, self._slots = self._slots, []
         self._store.commit_saved(slots)
         return len(slots)
 
+    def release_gpu(self) -> None:
+        """Frees the CUDA stream, events and plan (stream-ordered: safe with gathers in flight)."""
+        if self._gpu is not None:
+            self._gpu.close()
+            self._gpu = None
+
     def finish(self, timeout_s: float = 60.0, stream: Any = 0) -> int:
-        """enqueue_rest(stream) then commit(timeout_s): the whole save, on the host's time."""
+        """enqueue_rest(stream), commit(timeout_s), release_gpu(): the whole save, on the host's time."""
         self.enqueue_rest(stream)
-        return self.commit(timeout_s)
+        try:
+            return self.commit(timeout_s)
+        finally:
+            self.release_gpu()
 
     def abort(self) -> None:
         """Drops the reserved slots without publishing anything (after the gathers in flight:

@@ -399,6 +399,7 @@ def test_saves_finish_off_the_step_and_later_writes_wait_for_them(tmp_path):
         C.cuda_stream_wait_event(overwrite.cuda_stream, session.done_event)
         fill_on(overwrite, 0x5A)  # a later step reusing the blocks
         assert session.commit(timeout_s=30) == n and store.lookup(keys) == n
+        session.release_gpu()
         torch.cuda.synchronize()
         assert all(bool((t.view(torch.uint8) == 0x5A).all()) for t in cache.gpu)
 

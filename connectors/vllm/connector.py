@@ -115,7 +115,7 @@ class KVStoreConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         trace.mark("worker.wait_for_save")  # the forward has been enqueued
         self._worker.wait_for_save(_current_stream())
-        trace.mark("worker.wait_for_save.done")  # the step's loads have arrived, its saves are stored
+        trace.mark("worker.wait_for_save.done")  # the step's gathers are enqueued (they finish off the step)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors()

@@ -9,11 +9,12 @@ recomputes them.
 
 Transfers finish off the step (CUDA): wait_for_save waits neither for the gathers nor for the
 loads (the forward waits for those on the device). A finisher thread publishes each save's
-chunks once its last gather has completed, and unpins a load's slots once it has arrived. Until
+chunks once its last gather has completed; a load's slots are unpinned when the next step's
+loads start (so at most one step's loads are pinned, as the scheduler's budget assumes). Until
 a save is published the blocks it reads may belong to a request that finished and may be handed
 to another: so a later step's forward (its stream) and loads wait on the device for the saves in
 flight that read a block the step writes (the scheduler lists those: written_block_ids). The
-host waits only when more than _MAX_SESSIONS_IN_FLIGHT are outstanding, for loads through the
+host waits only when more than _MAX_SAVES_IN_FLIGHT saves are outstanding, for loads through the
 agent, and for loads that are not layer-wise (see _finish_loads).
 
 CUDA graphs: vLLM keeps its FULL graphs (cuda_graphs="full"). While it captures them the layer
@@ -76,7 +77,7 @@ def in_process_worker(engine_id: str | None) -> "ConnectorWorker | None":
     return _IN_PROCESS.get(engine_id) if engine_id else None
 
 
-_MAX_SESSIONS_IN_FLIGHT = 8  # saves/loads the finisher has yet to complete; more block the step
+_MAX_SAVES_IN_FLIGHT = 8     # saves the finisher has yet to publish; more block the step
 _TRANSFER_TIMEOUT_S = 60.0   # a save not gathered by then is dropped (never published)
 
 
@@ -97,14 +98,17 @@ class ConnectorWorker:
         self._load_chunks = 0
         self._save: SaveSession | None = None
         self._save_blocks = np.zeros(0, dtype=np.int64)  # scheduler block ids the step's save reads
-        # Saves whose gathers were enqueued, oldest first, until the finisher has published them,
-        # with the (sorted) block ids they read.
+        # Saves whose gathers were enqueued, until the finisher has published them, with the
+        # (sorted) block ids they read. Their CUDA handles are freed on this (the engine's)
+        # thread only (_saves_to_release), since it may still be making a stream wait on them.
         self._saves_in_flight: dict[SaveSession, np.ndarray] = {}
+        self._saves_to_release: list[SaveSession] = []
         self._in_flight_lock = threading.Lock()
-        # Sessions the finisher thread completes off the step: saves (wait, then commit) and
-        # loads (wait, then unpin their slots).
-        self._to_finish: queue.Queue = queue.Queue(maxsize=_MAX_SESSIONS_IN_FLIGHT)
+        self._to_finish: queue.Queue = queue.Queue(maxsize=_MAX_SAVES_IN_FLIGHT)
         self._finisher: threading.Thread | None = None
+        # The last step's layer-wise load, unpinned when the next loads start (its forward waited
+        # for it on the device; the host need not wait for it on the step).
+        self._done_load: LoadSession | None = None
         # The agent checks a slot's generation after it was read (reused slot -> recompute): that
         # check needs the loads done before the step reports its load errors.
         self._loads_checked_after_read = not isinstance(store, Store)
@@ -210,19 +214,27 @@ class ConnectorWorker:
 
     def _take_prefetch(self, keys: list[bytes]) -> Prefetch | None:
         """The prefetch if it holds exactly `keys`; any other is dropped (its slots are unpinned
-        once its copies are done)."""
+        once its copies are done: a few milliseconds at most, and rare)."""
         with self._prefetch_lock:
             prefetch, self._prefetch = self._prefetch, None
         if prefetch is None or prefetch.keys == keys:
             return prefetch
-        self._hand_off(prefetch)
+        self._close_quietly(prefetch)
         return None
+
+    @staticmethod
+    def _close_quietly(session: "LoadSession | Prefetch") -> None:
+        try:
+            session.close(_TRANSFER_TIMEOUT_S)
+        except KVStoreError:
+            log.exception("kvstore: a load did not complete")
 
     def start(self, meta: KVStoreConnectorMetadata, stream: Any = 0) -> None:
         """Starts the step's loads (unless started early) and saves; `stream` is the one the
         step's forward runs on: it waits for the saves of earlier steps still in flight."""
         if self.layout is None or not isinstance(meta, KVStoreConnectorMetadata):
             return
+        self._release_published_saves()
         if self._save is not None:  # a previous step's save that vLLM did not finish
             self._retire_save(stream)
         self._after_saves_in_flight(stream, meta.written_block_ids)
@@ -248,6 +260,8 @@ class ConnectorWorker:
             log.info("kvstore: %d layer-load waits were captured into vLLM's CUDA graphs", self.captured_waits)
         keys, ids = self._batch(meta.loads)
         self._load_ids, self._load_chunks = ids, len(keys)
+        self._unpin_done_load()  # at most one step's loads pinned (the scheduler's step budget)
+        self._release_published_saves()
         prefetch = self._take_prefetch(keys)
         try:
             self._load = self._store.begin_load(keys, self.layout, self._kernel_ids(ids),
@@ -258,6 +272,9 @@ class ConnectorWorker:
         except KVStoreError:
             log.exception("kvstore: load of %d chunks failed; vLLM will recompute them", len(keys))
             self._load, missing = None, list(range(len(keys)))
+        finally:
+            if prefetch is not None and prefetch.holds_slots:  # not taken over by the load
+                self._close_quietly(prefetch)
         self._report_failed(missing)
         if not self._settings.layerwise:  # everything arrives before the forward starts
             self._finish_loads(wait=True)
@@ -297,58 +314,74 @@ class ConnectorWorker:
         self._hand_off(save)
 
     def _finish_loads(self, wait: bool = False) -> None:
-        """Closes the step's loads. Layer-wise, the forward already waits for them on the device;
-        the host waits only where slots are checked after the reads (the agent's generations: a
-        chunk read from a reused slot is reported for recompute), or with `wait` (loads that are
-        not layer-wise: the forward has no waits of its own). Else the finisher unpins the slots
-        once the loads have arrived, and vLLM goes on to sampling at once."""
+        """Ends the step's loads. Layer-wise, the forward already waits for them on the device, so
+        the host does not: their slots are unpinned when the next loads start. The host waits
+        where slots are checked after the reads (the agent's generations: a chunk read from a
+        reused slot is reported for recompute), and with `wait` (loads that are not layer-wise:
+        the forward has no waits of its own)."""
         if self._load is None:
             return
         load, self._load = self._load, None
+        self._unpin_done_load()
         if load.on_gpu and not wait and not self._loads_checked_after_read:
-            self._hand_off(load)
+            self._done_load = load
             return
         load.close()
         self._report_failed(load.invalid)
 
-    def _hand_off(self, session: "SaveSession | LoadSession | Prefetch") -> None:
+    def _unpin_done_load(self) -> None:
+        load, self._done_load = self._done_load, None
+        if load is not None:
+            self._close_quietly(load)  # long arrived, as a rule: the forward that needed it ran
+
+    def _hand_off(self, save: SaveSession) -> None:
         if self._finisher is None:
             self._finisher = threading.Thread(target=self._finish_loop, name="kvstore-finisher", daemon=True)
             self._finisher.start()
-        try:  # blocks while _MAX_SESSIONS_IN_FLIGHT are outstanding
-            self._to_finish.put(session, timeout=_TRANSFER_TIMEOUT_S)
+        try:  # blocks while _MAX_SAVES_IN_FLIGHT are outstanding
+            self._to_finish.put(save, timeout=_TRANSFER_TIMEOUT_S)
         except queue.Full:
-            log.warning("kvstore: the finisher is stuck; completing a transfer on the step")
-            self._finish_one(session)
+            log.warning("kvstore: the finisher is stuck; publishing a save on the step")
+            self._finish_one(save)
 
     def _finish_loop(self) -> None:
-        while (session := self._to_finish.get()) is not None:
-            self._finish_one(session)
-
-    def _finish_one(self, session: "SaveSession | LoadSession | Prefetch") -> None:
-        if isinstance(session, (LoadSession, Prefetch)):
+        while (save := self._to_finish.get()) is not None:
             try:
-                session.close(_TRANSFER_TIMEOUT_S)
-            except KVStoreError:
-                log.exception("kvstore: a load did not complete")
-            return
+                self._finish_one(save)
+            except Exception:  # the thread must outlive any one save
+                log.exception("kvstore: finishing a save failed")
+
+    def _finish_one(self, save: SaveSession) -> None:
+        """Waits for the save's gathers, publishes it (or, if they never completed, leaves its
+        slots reserved: a gather may still write them) and queues its CUDA handle for release on
+        the engine's thread."""
         try:
-            session.wait(_TRANSFER_TIMEOUT_S)
+            save.wait(_TRANSFER_TIMEOUT_S)
             ok = True
         except KVStoreError:
-            log.exception("kvstore: a save did not complete; its chunks are dropped")
+            log.exception("kvstore: a save did not complete in %d s; its chunks are dropped", _TRANSFER_TIMEOUT_S)
             ok = False
         with self._in_flight_lock:  # from here on no stream is made to wait on its event
-            del self._saves_in_flight[session]
-        try:
-            session.commit() if ok else session.abort()
-        except KVStoreError:
-            log.exception("kvstore: could not publish a save")
+            del self._saves_in_flight[save]
+            self._saves_to_release.append(save)
+        if ok:
+            try:
+                save.commit()
+            except KVStoreError:
+                log.exception("kvstore: could not publish a save")
+
+    def _release_published_saves(self) -> None:
+        """Frees the CUDA handles of published saves (engine thread: no wait on them is pending)."""
+        with self._in_flight_lock:
+            saves, self._saves_to_release = self._saves_to_release, []
+        for save in saves:
+            save.release_gpu()
 
     def _in_flight_events(self, written_block_ids: list[int]) -> list[int]:
         """Events of the saves in flight that read a block this step writes: a block a finished
         request freed may be handed to a new one at once. (Blocks a save reads are full, so no
-        running request writes them again; only a newly allocated block can be one of them.)"""
+        running request writes them again; only a newly allocated block can be one of them.)
+        The handles stay valid until this thread calls _release_published_saves."""
         with self._in_flight_lock:
             if not self._saves_in_flight or not written_block_ids:
                 return []
@@ -382,14 +415,22 @@ class ConnectorWorker:
             self._save.abort()
             self._save = None
         self._finish_loads()
+        self._unpin_done_load()
         with self._prefetch_lock:
             dropped, self._prefetch = self._prefetch, None
         if dropped is not None:
-            dropped.close(_TRANSFER_TIMEOUT_S)
-        if self._finisher is not None:  # publish what is in flight, then stop
-            self._to_finish.put(None)
-            self._finisher.join(_TRANSFER_TIMEOUT_S)
-            self._finisher = None
+            self._close_quietly(dropped)
+        finisher, self._finisher = self._finisher, None
+        if finisher is not None:  # publish what is in flight, then stop
+            try:
+                self._to_finish.put(None, timeout=_TRANSFER_TIMEOUT_S)
+            except queue.Full:
+                pass
+            finisher.join(_TRANSFER_TIMEOUT_S)
+            if finisher.is_alive():  # stuck on the GPU: leave its CUDA objects alone
+                log.error("kvstore: the finisher did not stop; CUDA objects are left to the process exit")
+                return
+        self._release_published_saves()
         for e in self._layer_events + list(self._prefetch_events or ()):
             C.cuda_event_destroy(e)
         self._layer_events, self._prefetch_events = [], None
