@@ -71,19 +71,23 @@ class AgentStore:
                 self._degraded("connect", e)
 
     # ---- queries -----------------------------------------------------------------------------
-    def lookup(self, keys: Sequence[bytes], wait_s: float = 0.0) -> int:
-        """Length of the leading run of keys present in the agent's DRAM or SSD (pins nothing).
-        wait_s > 0: while the run stops at a key a save is still writing, asks again (polling,
-        so the connection stays free for that save's COMMIT), at most wait_s in all."""
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        """Length of the leading run of keys present in the agent's DRAM or SSD (pins nothing)."""
+        return self._lookup(keys, writing=False)[0]
+
+    def lookup_writing(self, keys: Sequence[bytes]) -> tuple[int, bool]:
+        """Store.lookup_writing over the agent (LOOKUP_WRITING; an older agent: never writing)."""
+        self._reprobe_after_reconnect()
+        return self._lookup(keys, writing=self._agent_has_lookup_writing)
+
+    def _lookup(self, keys: Sequence[bytes], writing: bool) -> tuple[int, bool]:
         self._check_open()
         keys = check_keys(keys)
         if not keys:
-            return 0
+            return 0, False
         start = time.perf_counter()
-        deadline = time.monotonic() + wait_s
-        self._reprobe_after_reconnect()
-        op = P.Op.LOOKUP_WRITING if wait_s > 0 and self._agent_has_lookup_writing else P.Op.LOOKUP
-        n, pause = 0, 2e-4
+        op = P.Op.LOOKUP_WRITING if writing else P.Op.LOOKUP
+        n = 0
         try:
             while n < len(keys):
                 part = keys[n:n + P.MAX_KEYS]
@@ -99,18 +103,16 @@ class AgentStore:
                 if len(states) != len(part):
                     raise P.ProtocolError(f"LOOKUP answered {len(states)} of {len(part)} keys")
                 stops = np.flatnonzero((states == 0) | (states == 4))
-                n += int(stops[0]) if len(stops) else len(part)
-                if not len(stops):
-                    continue
-                if states[stops[0]] == 0 or time.monotonic() + pause > deadline:
-                    break
-                time.sleep(pause)  # key n is being written: ask again from it
-                pause = min(2 * pause, 2e-3)
+                if len(stops):
+                    n += int(stops[0])
+                    metrics.LOOKUP_SECONDS.observe(time.perf_counter() - start)
+                    return n, bool(states[stops[0]] == 4)
+                n += len(part)
         except P.AgentUnavailableError as e:
             self._degraded("lookup", e)
-            return 0
+            return 0, False
         metrics.LOOKUP_SECONDS.observe(time.perf_counter() - start)
-        return n
+        return n, False
 
     # ---- save --------------------------------------------------------------------------------
     def save(self, keys: Sequence[bytes], layout: KVLayout, block_ids) -> Handle[SaveResult]:

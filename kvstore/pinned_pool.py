@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
@@ -73,7 +72,6 @@ class PinnedPool:
         self.pin = pin
         self._on_evict = on_evict or (lambda slot: None)
         self._lock = threading.Lock()
-        self._settled = threading.Condition(self._lock)  # notified when a write commits or aborts
         self._slabs: dict[int, list[_Slab]] = {}             # slot_nbytes -> slabs
         self._entries: dict[bytes, Slot] = {}                # writing and committed
         self._lru: dict[int, OrderedDict[bytes, Slot]] = {}  # slot_nbytes -> committed, LRU first
@@ -107,7 +105,6 @@ class PinnedPool:
             slot.committed = True
             slot.persisted = persisted
             self._lru.setdefault(slot.slab.slot_nbytes, OrderedDict())[slot.key] = slot
-            self._settled.notify_all()
 
     def abort(self, slot: Slot) -> None:
         with self._lock:
@@ -115,7 +112,6 @@ class PinnedPool:
             del self._entries[slot.key]
             self._used_bytes -= slot.slab.slot_nbytes
             slot.slab.free.append(slot.index)
-            self._settled.notify_all()
 
     # ---- readers -----------------------------------------------------------------------------
     def acquire(self, key: bytes) -> Slot | None:
@@ -140,18 +136,6 @@ class PinnedPool:
     def is_writing(self, key: bytes) -> bool:
         slot = self._entries.get(key)
         return slot is not None and not slot.committed
-
-    def wait_written(self, key: bytes, timeout_s: float) -> bool:
-        """If key is being written (reserved, not committed), waits until its writer commits or
-        aborts it, at most timeout_s; returns contains(key)."""
-        deadline = time.monotonic() + timeout_s
-        with self._settled:
-            while (slot := self._entries.get(key)) is not None and not slot.committed:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._settled.wait(left)
-            return slot is not None
 
     def mark_persisted(self, key: bytes) -> None:
         with self._lock:

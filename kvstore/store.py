@@ -67,21 +67,23 @@ class Store:
             metrics.serve(cfg.metrics_port)
 
     # ---- queries -----------------------------------------------------------------------------
-    def lookup(self, keys: Sequence[bytes], wait_s: float = 0.0) -> int:
-        """Length of the leading run of keys stored in DRAM or SSD (pins nothing). wait_s > 0:
-        a key of the run that a save is still writing is waited for, all waits together at most
-        wait_s, so a prompt that arrives while its prefix is being saved still hits."""
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        """Length of the leading run of keys stored in DRAM or SSD (pins nothing)."""
+        return self.lookup_writing(keys)[0]
+
+    def lookup_writing(self, keys: Sequence[bytes]) -> tuple[int, bool]:
+        """lookup(), and whether the run stops at a key a save is still writing (an engine may
+        ask again shortly rather than recompute that prefix)."""
         self._check_open()
         start = time.perf_counter()
-        deadline = time.monotonic() + wait_s
+        keys = check_keys(keys)
         n = 0
-        for key in check_keys(keys):
+        for key in keys:
             if not (self.dram.contains(key) or (self.ssd is not None and self.ssd.contains(key))):
-                if wait_s <= 0 or not self.dram.wait_written(key, deadline - time.monotonic()):
-                    break
+                break
             n += 1
         metrics.LOOKUP_SECONDS.observe(time.perf_counter() - start)
-        return n
+        return n, n < len(keys) and self.dram.is_writing(keys[n])
 
     # ---- save --------------------------------------------------------------------------------
     def save(self, keys: Sequence[bytes], layout: KVLayout, block_ids: Sequence[int] | np.ndarray) -> Handle[SaveResult]:

@@ -9,7 +9,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -497,21 +496,20 @@ def test_auto_start_hands_the_master_token_over_by_environment_not_command_line(
     assert "--set" in seen["cmd"] and "master=127.0.0.1:1" in seen["cmd"]
 
 
-def test_lookup_waits_for_keys_another_process_is_still_saving(agent):
-    """LOOKUP_WRITING: the agent reports keys a SaveSession reserved but has not committed, and
-    AgentStore.lookup(wait_s) asks again until the save is published (polling: the session's own
-    COMMIT goes over the same connection); a plain lookup counts them as misses."""
+def test_lookup_writing_reports_keys_another_process_is_still_saving(agent):
+    """LOOKUP_WRITING: the agent reports keys a SaveSession reserved but has not committed (4), so
+    AgentStore.lookup_writing says the run stops at a key being written; a plain lookup counts
+    them as misses; once committed they are hits."""
     store = agent_store(agent)
+    writer = agent_store(agent)  # another engine process's store
     try:
         cache, keys, ids = request(seed=91, chunks=3)
-        session = store.begin_save(keys, cache.layout, ids)
+        session = writer.begin_save(keys, cache.layout, ids)
         assert session.stored == 3
-        assert store.lookup(keys) == 0 and store.lookup(keys, wait_s=0.05) == 0
+        assert store.lookup(keys) == 0 and store.lookup_writing(keys) == (0, True)
         session.enqueue_rest()
-        timer = threading.Timer(0.1, session.commit)
-        timer.start()
-        assert store.lookup(keys, wait_s=10) == 3
-        timer.join()
+        assert session.commit() == 3
+        assert store.lookup_writing(keys) == (3, False)
         client = AgentClient(agent.socket, timeout_s=5)
         try:
             assert list(client.request(P.Op.LOOKUP_WRITING, P.encode_keys(keys))) == [1, 1, 1]
@@ -519,6 +517,7 @@ def test_lookup_waits_for_keys_another_process_is_still_saving(agent):
             client.close()
     finally:
         store.close()
+        writer.close()
 
 
 def test_the_agent_evicts_deep_chunks_first_with_the_depths_a_save_sends(tmp_path):
@@ -565,15 +564,16 @@ OLDER_AGENT = textwrap.dedent("""
 
 
 def test_an_agent_of_an_older_version_still_serves_lookups_and_saves(tmp_path, caplog):
-    """Agents outlive engines: against one that knows neither LOOKUP_WRITING nor depths, a waiting
-    lookup falls back to plain lookups and a save with depths to one without, instead of failing."""
+    """Agents outlive engines: against one that knows neither LOOKUP_WRITING nor depths,
+    lookup_writing falls back to plain lookups and a save with depths to one without, instead of
+    failing."""
     agent = Agent(tmp_path, launcher=(sys.executable, "-c", OLDER_AGENT)).start()
     store = agent_store(agent)
     try:
         cache, keys, ids = request(seed=95, chunks=3)
-        assert store.lookup(keys, wait_s=0.5) == 0
+        assert store.lookup_writing(keys) == (0, False)
         assert store.begin_save(keys, cache.layout, ids, depths=[0, 1, 2]).finish() == 3
-        assert store.lookup(keys, wait_s=0.5) == 3 and store.lookup(keys) == 3
+        assert store.lookup_writing(keys) == (3, False) and store.lookup(keys) == 3
         poisoned = vllm(np.random.default_rng(1), "LBNHC", B=4 * 3)
         assert store.load(keys, poisoned.layout, ids).wait(10).complete
         assert all(np.array_equal(a, b) for a, b in zip(objects(poisoned, ids), objects(cache, ids)))

@@ -220,10 +220,11 @@ def test_load_skips_blocks_marked_minus_one_and_save_rejects_them(tmp_path, rng)
         assert_blocks_restored(cache, before, ids[1:])  # the other blocks came back
 
 
-def test_lookup_waits_for_a_prefix_still_being_saved(tmp_path, rng):
-    """A save whose slots are reserved but not yet published: lookup(wait_s) sees it once it is
-    committed, a plain lookup does not, an aborted save ends the wait as a miss, and a session's
-    commit before its gathers are enqueued is refused."""
+def test_lookup_writing_reports_a_prefix_still_being_saved(tmp_path, rng):
+    """A save whose slots are reserved but not yet published: lookup counts only what is
+    published and lookup_writing says the run stops at a key being written (an engine asks again
+    rather than recompute); once committed the run goes on, once aborted it is a plain miss. A
+    session's commit before its gathers are enqueued is refused."""
     cache = vllm(rng, "LBNHC", B=40)
     keys, ids = setup_request(rng, cache, chunks=4)
     with make_store(tmp_path, ssd_path=None) as store:
@@ -232,12 +233,10 @@ def test_lookup_waits_for_a_prefix_still_being_saved(tmp_path, rng):
         assert session.stored == 3
         with pytest.raises(InvalidArgumentError):
             session.commit()
-        assert store.lookup(keys) == 1 and store.lookup(keys, wait_s=0.05) == 1  # still being written
+        assert store.lookup(keys) == 1 and store.lookup_writing(keys) == (1, True)
         session.enqueue_rest()
-        timer = threading.Timer(0.1, session.commit)
-        timer.start()
-        assert store.lookup(keys, wait_s=10) == 4
-        timer.join()
+        assert session.commit() == 3
+        assert store.lookup_writing(keys) == (4, False)
         before = snapshot(cache)
         poison(cache)
         assert store.load(keys, cache.layout, ids).wait(10).complete
@@ -245,7 +244,6 @@ def test_lookup_waits_for_a_prefix_still_being_saved(tmp_path, rng):
 
         more, more_ids = setup_request(rng, cache, chunks=2)
         aborted = store.begin_save(more, cache.layout, more_ids)
-        timer = threading.Timer(0.1, aborted.abort)
-        timer.start()
-        assert store.lookup(more, wait_s=10) == 0
-        timer.join()
+        assert store.lookup_writing(more) == (0, True)
+        aborted.abort()
+        assert store.lookup_writing(more) == (0, False)

@@ -1,12 +1,14 @@
 """Scheduler half of KVStoreConnector: decides what to load and save; never touches tensors.
 
 Per request it keeps the chunk keys of its tokens, its block table and how many leading chunks
-are known stored. get_num_new_matched_tokens is side-effect free apart from caching keys (and
-the last answer, which update_state_after_alloc turns into a load). Loads are synchronous from
+are known stored. get_num_new_matched_tokens is side-effect free apart from caching keys, the
+last answer (which update_state_after_alloc turns into a load) and, while a save of the prompt's
+prefix is still being written, the time until which it answers "ask again next step". Loads are synchronous from
 vLLM's point of view (load_async=False): the worker pipelines them by layer inside the forward.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -31,6 +33,7 @@ class _RequestState:
     block_ids: list[int] = field(default_factory=list)
     saved_chunks: int = 0           # leading chunks stored (or being saved)
     hit_tokens: int = 0             # last answer of get_num_new_matched_tokens (tokens loadable)
+    writing_deadline: float | None = None  # its prefix was still being saved: asked again until then
     local_hit_tokens: int = 0       # the GPU prefix hit vLLM reported with it
     load: ChunkTransfer | None = None
 
@@ -87,10 +90,16 @@ class ConnectorScheduler:
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         state = self._state(request)
         # The last prompt token is always computed (it yields the first output token).
-        # A prefix an earlier step is still saving (the gathers finish off the step) is waited for.
-        loadable_chunks = min((request.num_prompt_tokens - 1) // self._chunk,
-                              self._store.lookup(state.keys[:(request.num_prompt_tokens - 1) // self._chunk],
-                                                 wait_s=self._settings.lookup_wait_ms / 1000))
+        limit = (request.num_prompt_tokens - 1) // self._chunk
+        stored, writing = self._store.lookup_writing(state.keys[:limit])
+        if writing:  # an earlier step is still saving the next chunk (saves finish off the step):
+            now = time.monotonic()  # vLLM asks again next step and runs the others meanwhile
+            if state.writing_deadline is None:
+                state.writing_deadline = now + self._settings.lookup_wait_ms / 1000
+            if now < state.writing_deadline:
+                return None, False
+        state.writing_deadline = None
+        loadable_chunks = min(limit, stored)
         first_to_load = num_computed_tokens // self._chunk
         wanted = loadable_chunks - first_to_load
         if wanted > 0:

@@ -18,7 +18,7 @@ class ConnectorSettings:
     save_decode: bool   # also store chunks of generated tokens (off: prompt only)
     tenant: str
     cuda_graphs: str = "full"  # "full": vLLM keeps FULL CUDA graphs; "piecewise": ask vLLM for PIECEWISE
-    lookup_wait_ms: int = 100  # a prefix still being saved is waited for this long at most (then recomputed)
+    lookup_wait_ms: int = 100  # a prefix still being saved is asked for again this long at most (then recomputed)
     prefetch_mib: int = 256    # device buffer for the first layers of a hit, copied before vLLM allocates blocks
 
     _DOCS = {
@@ -28,8 +28,9 @@ class ConnectorSettings:
         "tenant": "salt in the key namespace: tenants never share chunks (default '')",
         "cuda_graphs": "'full' (default): layer-wise loads are waited on inside vLLM's FULL CUDA graphs too; "
                        "'piecewise': ask vLLM to fall back to PIECEWISE graphs, as before",
-        "lookup_wait_ms": "a prompt whose prefix is still being saved waits at most this long for the save "
-                          "(default 100; 0: count it as a miss)",
+        "lookup_wait_ms": "a prompt whose prefix an earlier step is still saving is deferred (vLLM asks again "
+                          "next step and runs the other requests) at most this long, then computed (default "
+                          "100; 0: compute at once)",
         "prefetch_mib": "one GPU, layer-wise: device buffer (MiB) the first layers of a request's hits are "
                         "copied into while vLLM allocates its blocks (default 256; 0: off)",
         "store": "kvstore Config keys (see `kvstore config --show`), e.g. dram_capacity_bytes, ssd_path",

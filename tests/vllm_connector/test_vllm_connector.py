@@ -350,3 +350,36 @@ def test_a_request_over_the_step_budget_waits_a_step_instead_of_recomputing(vllm
     engine.assert_kv_exact(c, upto=100)
     engine.run_to_end()
     engine.u.assert_scheduler_empty(engine.scheduler)
+
+
+def test_a_prompt_whose_prefix_is_still_being_saved_is_asked_for_again_not_waited_for(vllm_utils, tmp_path):
+    """Chunk 2 of a stored prefix is still being written (another engine's save, or this one's
+    finishing off the step): the request is skipped this step ("ask again") while the engine goes
+    on; once that save is over (here: aborted) it loads what is stored and computes the rest. With
+    lookup_wait_ms 0 it computes at once."""
+    from kvstore import chunk_keys
+    for wait_ms in (5000, 0):
+        engine = Engine(vllm_utils, make_config(vllm_utils, tmp_path / str(wait_ms), lookup_wait_ms=wait_ms))
+        a = make_request(vllm_utils, 60, num_tokens=70, common_prefix_len=70)  # stores chunks 0, 1
+        engine.add(a)
+        engine.run_to_end()
+        engine.reset_gpu()
+        b = make_request(vllm_utils, 61, num_tokens=100, common_prefix_len=100)
+        sched = engine.scheduler.connector._scheduler
+        key2 = chunk_keys(np.asarray(b.prompt_token_ids[:3 * CHUNK]), sched._namespace(b), CHUNK)[2]
+        worker = engine.worker._worker
+        writer = worker._store.begin_save([key2], worker.layout, [0, 1])  # reserved, not published
+        assert writer.stored == 1
+        engine.add(b)
+        out, meta = engine.step()
+        if wait_ms:
+            assert b.request_id not in out.num_scheduled_tokens and not meta.loads
+            writer.abort()
+            out, meta = engine.step()
+        else:
+            writer.abort()
+        assert [(len(ld.keys), ld.req_id) for ld in meta.loads] == [(2, b.request_id)]
+        assert out.num_scheduled_tokens[b.request_id] == 100 - 64
+        engine.assert_kv_exact(b, upto=100)
+        engine.run_to_end()
+        engine.u.assert_scheduler_empty(engine.scheduler)
