@@ -167,17 +167,20 @@ class AgentStore:
             return [], 0, list(keys)
         try:
             self._reprobe_after_reconnect()
-            request = P.encode_write(nbytes, fingerprint, keys, depths if self._agent_has_write_depths else None)
-            if len(request) > P.PRE_DEPTHS_MAX_BODY_NBYTES:  # an older agent would drop the connection
-                request = P.encode_sized_keys(nbytes, fingerprint, keys)
+            plain = P.encode_sized_keys(nbytes, fingerprint, keys)
+            request = plain
+            if depths is not None and self._agent_has_write_depths:
+                request = P.encode_write(nbytes, fingerprint, keys, depths)
+                if len(request) > P.PRE_DEPTHS_MAX_BODY_NBYTES:  # an older agent would drop the connection
+                    request = plain
             try:
                 body = self.client.request(P.Op.BEGIN_WRITE, request)
             except P.ProtocolError:
-                if len(request) == len(P.encode_sized_keys(nbytes, fingerprint, keys)):
+                if request is plain:
                     raise
                 self._agent_has_write_depths = False
                 log.warning("kvstore: the agent does not take chunk depths (older version): saving without")
-                body = self.client.request(P.Op.BEGIN_WRITE, P.encode_sized_keys(nbytes, fingerprint, keys))
+                body = self.client.request(P.Op.BEGIN_WRITE, plain)
             reply = P.Slots.decode(body)
         except P.AgentUnavailableError as e:
             self._degraded("save", e)
