@@ -148,7 +148,6 @@ class LoadSession:
         self.layout = layout
         self.requested = len(keys)
         nbytes = layout.chunk_nbytes(store.config.chunk_tokens)
-        self.missing: list[int] = []   # chunk indices not loaded (known when the session starts)
         self.invalid: list[int] = []   # chunk indices whose slot was reused while it was read (known at close)
         if prefetch is not None and (prefetch.keys != list(keys) or not layout.is_cuda):
             prefetch = None
@@ -158,11 +157,11 @@ class LoadSession:
             slots, hits = _acquire(store, keys, layout)
         self._slots = [s for s in slots if s is not None]
         self._slot_chunks = [c for c, s in enumerate(slots) if s is not None]  # chunk index of each slot
-        self.missing = [c for c, s in enumerate(slots) if s is None]
+        self.missing = [c for c, s in enumerate(slots) if s is None]  # chunks not loaded (known at start)
         loaded = self._slot_chunks
         trace.mark("load.slots_acquired")
-        store.record_load({t: n for t, n in hits.items() if n}, self.requested, len(loaded), nbytes)
         self.hits_by_tier = {t: n for t, n in hits.items() if n}
+        store.record_load(self.hits_by_tier, self.requested, len(loaded), nbytes)
         self._parts: list = []  # LayerwiseLoads, each over a range of layers
         if not self._slots:
             return
