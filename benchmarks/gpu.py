@@ -50,8 +50,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-ids", default="random,runs",
                    help="comma list: random = a random permutation (the worst case), runs = each chunk's 16 "
                         "blocks consecutive at a random place (a fresh engine hands out runs like these)")
-    p.add_argument("--cache-alloc", default="per-layer", choices=["per-layer", "one"],
-                   help="engine cache allocation: one tensor per layer, or all layers in one")
     p.add_argument("--rounds", type=int, default=7,
                    help="interleaved rounds of the matmul-interference variants (layer-wise: 2*rounds+1)")
 
@@ -136,14 +134,8 @@ def run(args) -> dict:
         num_blocks = n_blocks_req + n_blocks_req // 4 + 1
         bpc = CHUNK // BLOCK
         n_chunks = tokens // CHUNK
-        shapes_l = layer_shape(L, H, D, mla, num_blocks)
-        if args.cache_alloc == "one":  # one backing tensor, layers back to back (vLLM >= 0.33 style)
-            backing = torch.randint(-2**15, 2**15 - 1, (L, *shapes_l[0]), dtype=torch.int16, device="cuda",
-                                    generator=gen).view(torch.bfloat16)
-            caches = list(backing.unbind(0))
-        else:  # one allocation per layer, as vLLM 0.24's torch.zeros per KV cache tensor
-            caches = [torch.randint(-2**15, 2**15 - 1, s, dtype=torch.int16, device="cuda", generator=gen)
-                      .view(torch.bfloat16) for s in shapes_l]
+        caches = [torch.randint(-2**15, 2**15 - 1, s, dtype=torch.int16, device="cuda", generator=gen)
+                  .view(torch.bfloat16) for s in layer_shape(L, H, D, mla, num_blocks)]
         layout = KVLayout.from_mla(caches) if mla else KVLayout.from_flash_attn(caches)
         rng = np.random.default_rng(tokens)
         if pattern == "random":
@@ -618,9 +610,8 @@ def _table(r) -> str:
     lines = [f"# GPU movers on {g['name']} ({g['sm_count']} SMs), CUDA runtime {r['cuda_runtime']}, torch {r['torch']}",
              "", "GB/s (ratio to the pinned one-shot memcpy ceiling of the same bytes, measured in the same run). "
              "block ids: random = a random permutation; runs = each chunk's blocks consecutive. "
-             "DMA copy = mean bytes per DMA-path copy (units merged across consecutive ids; 2D copies over "
-             "layers and planes the cache's allocation spaced evenly).", "",
-             "| shape | tokens | block ids | DMA copy KiB | MiB | dir | ceiling | ours auto (path) | ratio | staged | dma (no SMs) | dma ratio "
+             "DMA segment = mean bytes per DMA-path segment (units merged across consecutive ids).", "",
+             "| shape | tokens | block ids | DMA segment KiB | MiB | dir | ceiling | ours auto (path) | ratio | staged | dma (no SMs) | dma ratio "
              "| naive memcpy/block | batched DMA/block | torch index_select+copy |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in r["cases"]:

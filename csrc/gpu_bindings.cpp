@@ -116,10 +116,8 @@ void bind_gpu_movers(py::module_& m) {
              return int(p.plan->choose(gather ? Direction::kGather : Direction::kScatter, lb, le));
            }, py::arg("gather"), py::arg("layer_begin"), py::arg("layer_end"))
       .def("nbytes", [](PyPlan& p, int32_t lb, int32_t le) { return p.plan->bytes(lb, le); })
-      .def("dma_segment_bytes", [](PyPlan& p, int32_t lb, int32_t le) {
-             return p.plan->dma_segment_bytes(lb, le < 0 ? p.plan->num_layers() : le);
-           }, py::arg("layer_begin") = 0, py::arg("layer_end") = -1,
-           "Mean bytes of one DMA-path copy of the layer range (0: the layout's units are not contiguous).")
+      .def("dma_segment_bytes", [](PyPlan& p) { return p.plan->dma_segment_bytes(); },
+           "Mean bytes of one DMA-path segment (0: the layout's units are not contiguous).")
       .def_property_readonly("stream", [](PyPlan& p) { return p.plan->stream(); })
       .def_property_readonly("device", [](PyPlan& p) { return p.plan->device(); })
       .def_property_readonly("num_chunks", [](PyPlan& p) { return p.plan->num_chunks(); })

@@ -198,7 +198,7 @@ class _Layerwise:
         rule; staged_ce / dma fall back to staged on layouts without contiguous units."""
         if self.path == PATH_AUTO:
             return PATH_NAMES[self._plan.choose(isinstance(self, LayerwiseSave), *self.layers)]
-        if self.path in (PATH_STAGED_CE, PATH_DMA) and self._plan.dma_segment_bytes(*self.layers) == 0:
+        if self.path in (PATH_STAGED_CE, PATH_DMA) and self._plan.dma_segment_bytes() == 0:
             return PATH_NAMES[PATH_STAGED]
         return PATH_NAMES[self.path]
 
@@ -359,24 +359,20 @@ class LayerwiseSave(_Layerwise):
             _wait_event(self._event(layer), timeout_s, f"layer-wise save of layer {layer}")
 
 
-def warm_up(layout: KVLayout, blocks_per_chunk: int, device_buffer_ptr: int = 0) -> dict:
+def warm_up(layout: KVLayout, blocks_per_chunk: int, device_buffer_ptr: int = 0) -> None:
     """One round trip of one chunk (blocks 0..blocks_per_chunk-1, all layers): gathered into a
     pinned object, scattered back (the same bytes), and, with a device buffer of at least one
     object, scattered back from there too. Loads the kernels and grows the memory pools at
     start-up, so the first request does not pay for it (~35 ms on H100). The blocks end as they
-    were; call before the engine runs requests. Returns the mean bytes of one DMA-path copy of
-    a run of consecutive blocks, all layers and one layer (0: the layout has no DMA path): how
-    evenly the engine spaced its layers decides it (see Plan::dma_segment_bytes)."""
+    were; call before the engine runs requests."""
     if layout.num_blocks < blocks_per_chunk:
-        return {}
+        return
     nbytes = layout.chunk_nbytes(blocks_per_chunk * layout.block_size)
     memory, _ = C.host_alloc(nbytes, True)
     ids = np.arange(blocks_per_chunk, dtype=np.int64)
     with LayerwiseSave(layout, ids, [memory.ctypes.data], blocks_per_chunk, keepalive=memory) as save:
         for layer in range(layout.num_layers):
             save.save_layer(layer, 0)
-        copies = {"dma_copy_bytes_all_layers": save._plan.dma_segment_bytes(0, layout.num_layers),
-                  "dma_copy_bytes_one_layer": save._plan.dma_segment_bytes(0, 1)}
     sources = [memory.ctypes.data]
     if device_buffer_ptr:
         C.cuda_memcpy_async(device_buffer_ptr, memory.ctypes.data, nbytes, 0)
@@ -385,4 +381,3 @@ def warm_up(layout: KVLayout, blocks_per_chunk: int, device_buffer_ptr: int = 0)
         with LayerwiseLoad(layout, ids, [src], blocks_per_chunk, keepalive=memory) as load:
             load.start(after_stream=0)
     C.cuda_stream_synchronize(0)
-    return copies

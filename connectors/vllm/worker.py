@@ -151,8 +151,7 @@ class ConnectorWorker:
         if self.layout.is_cuda:
             bpc = self._settings.chunk_tokens // self.layout.block_size
             buffer = self._prefetch_buffer
-            copies = gpu_movers.warm_up(self.layout, bpc, buffer.data_ptr() if buffer is not None else 0)
-            log.info("kvstore: mean DMA copy of a %d-block run: %s", bpc, copies)
+            gpu_movers.warm_up(self.layout, bpc, buffer.data_ptr() if buffer is not None else 0)
 
     def _allocate_prefetch(self, device) -> None:
         import torch

@@ -48,11 +48,12 @@ constexpr int kStagedCtas = 4;
 constexpr int64_t kPieceBytes = int64_t(16) << 20;
 constexpr int kRing = 4;
 constexpr int kUnroll = 4;
-// kDMA: copies spread over up to kDmaStreams streams, each stream getting >= kDmaStreamBytes.
+// kDMA: segments spread over up to kDmaStreams streams, each stream getting >= kDmaStreamBytes.
 // Measured on H100 (1 GiB, 32 KiB units; results/gpu_H100-80GB-HBM3.md): 1 -> 4 streams lifts
-// 512 KiB copies from 0.92x to 0.97x of the pinned memcpy ceiling; 1D copies of scattered 32 KiB
-// units stay < 0.9x whatever the stream count, hence the 2D copies (one block of every layer in
-// one copy, see RowGroup). PATH_AUTO takes kDMA when the mean copy reaches kDmaAutoSegment.
+// 512 KiB segments from 0.92x to 0.97x of the pinned memcpy ceiling; scattered 32 KiB units stay
+// < 0.9x whatever the stream count. PATH_AUTO takes kDMA when the mean segment reaches
+// kDmaAutoSegment: at 512 KiB (Llama-8B, 16-block runs) DMA matches the staged path (0.96-0.975x)
+// with no SMs; at 288 KiB (MLA) and 128 KiB (TP4 shard) it falls to 0.89-0.95x, below staged.
 constexpr int kDmaStreams = 4;
 constexpr int64_t kDmaStreamBytes = int64_t(4) << 20;
 constexpr int64_t kDmaAutoSegment = int64_t(512) << 10;
@@ -236,131 +237,6 @@ bool check_object_range(uint64_t lo, uint64_t hi, int device) {
   return host;
 }
 
-// Base address of the CUDA allocation holding device pointer p (cuMemGetAddressRange, reached
-// through the runtime so that the library does not link libcuda); 0 when unknown.
-uint64_t allocation_base(uint64_t p) {
-  using Fn = int (*)(unsigned long long*, size_t*, unsigned long long);  // CUresult(CUdeviceptr*, size_t*, CUdeviceptr)
-  static Fn fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    if (cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
-        q != cudaDriverEntryPointSuccess) {
-      cudaGetLastError();
-      return Fn(nullptr);
-    }
-    return reinterpret_cast<Fn>(f);
-  }();
-  unsigned long long base = 0;
-  size_t size = 0;
-  return fn && fn(&base, &size, p) == 0 ? uint64_t(base) : 0;
-}
-
-// kDMA copies are 2D: one block run of several (layer, plane) units whose engine planes lie
-// equally far apart is one copy whose rows are those units. The planes of one layer always are in
-// [2,B,N,H,D]; all layers are when the engine allocated them evenly (one tensor, or back to back),
-// and then one copy moves a block of every layer: 2 MiB instead of 64 copies of 32 KiB, which
-// the copy engines move at full speed (1D copies of scattered 32 KiB units did not).
-struct RowGroup {
-  int32_t first = 0;  // index layer * num_planes + plane of the first row
-  int32_t step = 1;   // index distance between consecutive rows
-  int32_t rows = 1;
-  int64_t eng_pitch = 0;  // bytes between consecutive rows in the engine cache
-};
-
-// The units of layers [lb, le) in groups, in whichever of two orders needs fewer copies: all units
-// in turn (rows one plane bytes apart in the object), or each plane across the layers (num_planes
-// plane bytes apart). A pitch must lie in [min_pitch, max_pitch], and one copy's rows must lie in
-// one allocation (`alloc`: each plane's allocation base, 0 = unknown): CUDA refuses a copy that
-// spans two, however evenly they happen to lie.
-std::vector<RowGroup> row_groups(const Layout& L, const std::vector<uint64_t>& alloc, int32_t lb, int32_t le,
-                                 int64_t min_pitch, int64_t max_pitch) {
-  auto group = [&](const std::vector<int32_t>& seq, int32_t step, std::vector<RowGroup>& out) {
-    auto ptr = [&](size_t i) { return int64_t(L.plane_ptrs[size_t(seq[i])]); };
-    auto same = [&](size_t i, size_t j) { return alloc[size_t(seq[i])] && alloc[size_t(seq[i])] == alloc[size_t(seq[j])]; };
-    for (size_t i = 0; i < seq.size();) {
-      RowGroup g{seq[i], step, 1, 0};
-      const int64_t d = i + 1 < seq.size() ? ptr(i + 1) - ptr(i) : 0;
-      if (d >= min_pitch && d <= max_pitch && d > 0 && same(i, i + 1)) {
-        g.eng_pitch = d;
-        for (size_t k = i + 2; k < seq.size() && ptr(k) - ptr(k - 1) == d && same(i, k); ++k) ++g.rows;
-        ++g.rows;
-      }
-      out.push_back(g);
-      i += size_t(g.rows);
-    }
-  };
-  const int32_t P = L.num_planes;
-  std::vector<RowGroup> in_turn, per_plane;
-  std::vector<int32_t> seq;
-  for (int32_t j = lb * P; j < le * P; ++j) seq.push_back(j);
-  group(seq, 1, in_turn);
-  if (P == 1) return in_turn;
-  for (int32_t p = 0; p < P; ++p) {
-    seq.clear();
-    for (int32_t l = lb; l < le; ++l) seq.push_back(l * P + p);
-    group(seq, P, per_plane);
-  }
-  return per_plane.size() < in_turn.size() ? per_plane : in_turn;
-}
-
-// One kDMA copy: `rows` rows of `width` bytes, eng_pitch apart in the engine, obj_pitch in the object.
-struct Copy2D {
-  uint64_t eng = 0, obj = 0;
-  int64_t width = 0, rows = 1, eng_pitch = 0, obj_pitch = 0;
-};
-
-// Enqueues copies on `s` (engine -> object when gather): one batched call where CUDA has it.
-void copy_2d(const Copy2D* c, size_t n, bool gather, cudaStream_t s) {
-  bool flat = true;
-  for (size_t i = 0; i < n; ++i) flat &= c[i].rows == 1;
-  if (flat) {  // plain batched 1D copies
-    std::vector<uint64_t> dsts(n), srcs(n);
-    std::vector<int64_t> sizes(n);
-    for (size_t i = 0; i < n; ++i) {
-      dsts[i] = gather ? c[i].obj : c[i].eng;
-      srcs[i] = gather ? c[i].eng : c[i].obj;
-      sizes[i] = c[i].width;
-    }
-    memcpy_segments(dsts, srcs, sizes, reinterpret_cast<uintptr_t>(s), true);
-    return;
-  }
-#if CUDART_VERSION >= 12080
-  std::vector<cudaMemcpy3DBatchOp> ops(n);
-  for (size_t i = 0; i < n; ++i) {
-    cudaMemcpy3DBatchOp& op = ops[i];
-    std::memset(&op, 0, sizeof(op));
-    auto operand = [&](cudaMemcpy3DOperand& o, uint64_t p, int64_t pitch) {
-      o.type = cudaMemcpyOperandTypePointer;
-      o.op.ptr.ptr = reinterpret_cast<void*>(p);
-      o.op.ptr.rowLength = c[i].rows > 1 ? size_t(pitch) : 0;  // elements of 1 byte; 0 = packed
-      o.op.ptr.layerHeight = 0;
-    };
-    operand(op.src, gather ? c[i].eng : c[i].obj, gather ? c[i].eng_pitch : c[i].obj_pitch);
-    operand(op.dst, gather ? c[i].obj : c[i].eng, gather ? c[i].obj_pitch : c[i].eng_pitch);
-    op.extent = make_cudaExtent(size_t(c[i].width), size_t(c[i].rows), 1);
-    op.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
-    op.flags = cudaMemcpyFlagPreferOverlapWithCompute;
-  }
-  for (size_t i = 0; i < n; i += 4096) {  // bounded batches
-    const size_t k = std::min<size_t>(4096, n - i);
-#if CUDART_VERSION >= 13000
-    KV_CUDA(cudaMemcpy3DBatchAsync(k, ops.data() + i, 0, s));
-#else
-    size_t fail = 0;
-    KV_CUDA(cudaMemcpy3DBatchAsync(k, ops.data() + i, &fail, 0, s));
-#endif
-  }
-#else
-  for (size_t i = 0; i < n; ++i) {
-    const uint64_t dst = gather ? c[i].obj : c[i].eng, src = gather ? c[i].eng : c[i].obj;
-    const int64_t dp = gather ? c[i].obj_pitch : c[i].eng_pitch, sp = gather ? c[i].eng_pitch : c[i].obj_pitch;
-    KV_CUDA(cudaMemcpy2DAsync(reinterpret_cast<void*>(dst), size_t(c[i].rows > 1 ? dp : c[i].width),
-                              reinterpret_cast<const void*>(src), size_t(c[i].rows > 1 ? sp : c[i].width),
-                              size_t(c[i].width), size_t(c[i].rows), cudaMemcpyDefault, s));
-  }
-#endif
-}
-
 }  // namespace
 
 // ------------------------------------------------------------------------------------------
@@ -376,15 +252,7 @@ struct Plan::Impl {
   std::vector<int64_t> ids_host;
   bool unit_contiguous = false;  // one (layer, plane, block) unit is one contiguous engine range
   int64_t unit_bytes = 0;         // bytes of one such unit (block_size tokens of one plane)
-  // kDMA: per chunk, the runs of consecutive block ids whose units are adjacent (one copy row each)
-  struct BlockRun {
-    int64_t chunk, first_k, count, first_id;
-  };
-  std::vector<BlockRun> block_runs;
-  int64_t dma_units = 0;  // non-skipped units per (layer, plane)
-  int64_t min_pitch = 0;  // engine rows of one kDMA copy never overlap: pitch >= its widest row
-  int64_t max_pitch = 0;  // the device's limit on a 2D copy's pitch
-  std::vector<uint64_t> plane_alloc;  // base of the allocation holding each plane (0 = unknown)
+  int64_t dma_units = 0, dma_runs = 0;  // non-skipped units per (layer, plane), and merged runs of them
   bool has_skip = false;                // some block id is kSkipBlock: loads only
   // kDMA streams, created on first use
   std::vector<cudaStream_t> dma_streams;
@@ -447,7 +315,7 @@ Plan::Plan(const Layout& layout, const int64_t* block_ids, const uint64_t* objec
   m.unit_contiguous = (layout.num_heads == 1 || layout.head_stride == layout.head_nbytes) &&
                       (layout.block_size == 1 || layout.token_stride == int64_t(layout.num_heads) * layout.head_nbytes);
   m.unit_bytes = int64_t(layout.block_size) * layout.token_nbytes();
-  // Runs of block ids that kDMA merges into one copy row: consecutive ids whose units are adjacent.
+  // Runs of block ids that kDMA merges into one segment: consecutive ids whose units are adjacent.
   const bool adjacent = layout.block_stride == m.unit_bytes;
   for (int64_t c = 0; c < num_chunks; ++c) {
     int64_t prev = kSkipBlock;
@@ -456,17 +324,11 @@ Plan::Plan(const Layout& layout, const int64_t* block_ids, const uint64_t* objec
       m.has_skip |= id == kSkipBlock;
       if (id != kSkipBlock) {
         ++m.dma_units;
-        if (adjacent && prev != kSkipBlock && id == prev + 1) ++m.block_runs.back().count;
-        else m.block_runs.push_back({c, k, 1, id});
+        if (!(adjacent && prev != kSkipBlock && id == prev + 1)) ++m.dma_runs;
       }
       prev = id;
     }
   }
-  int max_pitch = 0;
-  KV_CUDA(cudaDeviceGetAttribute(&max_pitch, cudaDevAttrMaxPitch, device_));
-  m.max_pitch = max_pitch;
-  m.min_pitch = adjacent ? blocks_per_chunk * m.unit_bytes : m.unit_bytes;
-  for (uint64_t p : layout.plane_ptrs) m.plane_alloc.push_back(allocation_base(p));
 
   const size_t n_planes = layout.plane_ptrs.size(), n_ids = size_t(num_chunks * blocks_per_chunk);
   const size_t bytes = 8 * (n_planes + n_ids + size_t(num_chunks));
@@ -505,14 +367,10 @@ Plan::~Plan() {
   cudaGetLastError();
 }
 
-int32_t Plan::num_layers() const { return impl_->layout.num_layers; }
-
-int64_t Plan::dma_segment_bytes(int32_t lb, int32_t le) const {
+int64_t Plan::dma_segment_bytes() const {
   const Impl& m = *impl_;
-  KV_CHECK_ARG(0 <= lb && lb < le && le <= m.layout.num_layers, "layer range outside the layout");
-  if (!m.unit_contiguous || m.block_runs.empty()) return 0;
-  const int64_t copies = int64_t(m.block_runs.size()) * int64_t(row_groups(m.layout, m.plane_alloc, lb, le, m.min_pitch, m.max_pitch).size());
-  return m.dma_units * m.unit_bytes * (le - lb) * m.layout.num_planes / copies;
+  if (!m.unit_contiguous || m.dma_runs == 0) return 0;
+  return m.dma_units * m.unit_bytes / m.dma_runs;
 }
 
 int64_t Plan::bytes(int32_t lb, int32_t le) const {
@@ -520,10 +378,12 @@ int64_t Plan::bytes(int32_t lb, int32_t le) const {
 }
 
 Path Plan::choose(Direction dir, int32_t lb, int32_t le) const {
+  (void)lb;
+  (void)le;
   // Objects in device memory: the kernel alone is fastest (nothing crosses PCIe).
   if (!impl_->objects_on_host) return Path::kDirect;
   // Big contiguous segments: DMA alone reaches the staged path's speed and uses no SMs.
-  if (batch_memcpy_supported() && dma_segment_bytes(lb, le) >= kDmaAutoSegment) return Path::kDMA;
+  if (batch_memcpy_supported() && dma_segment_bytes() >= kDmaAutoSegment) return Path::kDMA;
   // Objects in pinned host memory: staged both ways. Measured on H100 PCIe Gen5 (benchmarks/gpu.py
   // --sweep, results/gpu_H100-80GB-HBM3.md): staged with 8 CTAs reaches 0.95-0.97x of the pinned
   // memcpy ceiling for save and load, 1-3 % above the zero-copy kernel; and the zero-copy kernel
@@ -717,29 +577,29 @@ void Plan::run_dma(bool gather, int32_t lb, int32_t le) {
   Impl& m = *impl_;
   const Layout& L = m.layout;
   const int64_t plane_bytes = m.bpc * m.unit_bytes;  // one plane of one layer in the object
-  std::vector<RowGroup> groups = row_groups(L, m.plane_alloc, lb, le, m.min_pitch, m.max_pitch);
-  if (const char* flat = std::getenv("KVSTORE_DMA_FLAT"); flat && flat[0] == '1') {  // EXPERIMENT
-    std::vector<RowGroup> g1;
-    for (const RowGroup& g : groups)
-      for (int32_t r = 0; r < g.rows; ++r) g1.push_back({g.first + r * g.step, g.step, 1, 0});
-    groups = g1;
-  }
-  std::vector<Copy2D> copies;
-  copies.reserve(m.block_runs.size() * groups.size());
+  std::vector<uint64_t> eng, obj;
+  std::vector<int64_t> sizes;
   int64_t total = 0;
-  for (const Impl::BlockRun& r : m.block_runs)
-    for (const RowGroup& g : groups) {
-      Copy2D c;
-      c.eng = L.plane_ptrs[size_t(g.first)] + uint64_t(r.first_id * L.block_stride);
-      c.obj = m.obj_host[size_t(r.chunk)] + uint64_t(g.first * plane_bytes + r.first_k * m.unit_bytes);
-      c.width = r.count * m.unit_bytes;
-      c.rows = g.rows;
-      c.eng_pitch = g.eng_pitch;
-      c.obj_pitch = g.step * plane_bytes;
-      copies.push_back(c);
-      total += c.width * c.rows;
-    }
-  if (copies.empty()) return;
+  for (int64_t c = 0; c < num_chunks_; ++c)
+    for (int32_t li = lb; li < le; ++li)
+      for (int32_t pl = 0; pl < L.num_planes; ++pl) {
+        const uint64_t plane = L.plane_ptr(li, pl);
+        const uint64_t base = m.obj_host[c] + uint64_t((int64_t(li) * L.num_planes + pl) * plane_bytes);
+        for (int64_t k = 0; k < m.bpc; ++k) {
+          const int64_t block = m.ids_host[size_t(c * m.bpc + k)];
+          if (block == kSkipBlock) continue;
+          const uint64_t e = plane + uint64_t(block * L.block_stride), o = base + uint64_t(k * m.unit_bytes);
+          if (!sizes.empty() && eng.back() + sizes.back() == e && obj.back() + sizes.back() == o) {
+            sizes.back() += m.unit_bytes;
+          } else {
+            eng.push_back(e);
+            obj.push_back(o);
+            sizes.push_back(m.unit_bytes);
+          }
+          total += m.unit_bytes;
+        }
+      }
+  if (sizes.empty()) return;
   cudaStream_t s = as_stream(stream_);
   const int n_streams = int(std::max<int64_t>(1, std::min<int64_t>(kDmaStreams, total / kDmaStreamBytes)));
   if (!m.dma_start) KV_CUDA(cudaEventCreateWithFlags(&m.dma_start, cudaEventDisableTiming));
@@ -751,21 +611,26 @@ void Plan::run_dma(bool gather, int32_t lb, int32_t le) {
     KV_CUDA(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
     m.dma_done.push_back(ev);
   }
-  // Contiguous ranges of copies with about equal bytes per stream, each ordered after the
+  // Contiguous ranges of segments with about equal bytes per stream, each ordered after the
   // caller's stream and joined back into it.
   KV_CUDA(cudaEventRecord(m.dma_start, s));
   size_t begin = 0;
   int64_t done = 0;
-  for (int i = 0; i < n_streams && begin < copies.size(); ++i) {
+  std::vector<uint64_t> d, r;
+  std::vector<int64_t> z;
+  for (int i = 0; i < n_streams && begin < sizes.size(); ++i) {
     const int64_t target = total * (i + 1) / n_streams;
     size_t end = begin;
-    while (end < copies.size() && (done < target || end == begin || i == n_streams - 1)) {
-      done += copies[end].width * copies[end].rows;
-      ++end;
+    while (end < sizes.size() && (done < target || end == begin)) done += sizes[end++];
+    if (i == n_streams - 1) {
+      while (end < sizes.size()) done += sizes[end++];
     }
+    d.assign((gather ? obj : eng).begin() + begin, (gather ? obj : eng).begin() + end);
+    r.assign((gather ? eng : obj).begin() + begin, (gather ? eng : obj).begin() + end);
+    z.assign(sizes.begin() + begin, sizes.begin() + end);
     cudaStream_t st = m.dma_streams[size_t(i)];
     KV_CUDA(cudaStreamWaitEvent(st, m.dma_start, 0));
-    copy_2d(copies.data() + begin, end - begin, gather, st);
+    memcpy_segments(d, r, z, reinterpret_cast<uintptr_t>(st), true);
     KV_CUDA(cudaEventRecord(m.dma_done[size_t(i)], st));
     KV_CUDA(cudaStreamWaitEvent(s, m.dma_done[size_t(i)], 0));
     begin = end;

@@ -26,12 +26,11 @@ namespace gpu {
 // no SMs are used at all; only where one (layer, plane, block) unit is contiguous in the engine
 // cache (FlashAttention [2,B,N,H,D], MLA [B,N,D], vLLM [B,N,H,C]); elsewhere it runs as kStaged.
 //
-// kDMA: no kernel at all: batched DMA straight between the engine units and their places in the
-// object. Consecutive block ids merge into one row; the same rows of (layer, plane) units whose
-// engine planes lie equally far apart form one 2D copy (cudaMemcpy3DBatchAsync), so a block of
-// every layer can be one copy; spread over a few streams. Only where one (layer, plane, block)
-// unit is contiguous in the engine cache (elsewhere it runs as kStaged). Uses no SMs; fast when
-// copies are big (measured: results/gpu_H100-80GB-HBM3.md).
+// kDMA: no kernel at all: batched DMA (cudaMemcpyBatchAsync) straight between each contiguous
+// engine unit and its place in the object, consecutive block ids merged into one segment, spread
+// over a few streams. Same unit-contiguity condition as kStagedCE (elsewhere it runs as kStaged).
+// Uses no SMs; fast when segments are big (block ids in runs), ~0.9x the ceiling on scattered
+// 32 KiB units and poor on smaller ones (measured: results/gpu_H100-80GB-HBM3.md).
 enum class Path : int { kAuto = 0, kDirect = 1, kStaged = 2, kStagedCE = 3, kDMA = 4 };
 
 struct Options {
@@ -66,14 +65,13 @@ class Plan {
   Path run(Direction dir, int32_t layer_begin, int32_t layer_end, const Options& opt);
   // The path kAuto resolves to for this direction and layer range.
   Path choose(Direction dir, int32_t layer_begin, int32_t layer_end) const;
-  // Mean bytes of one kDMA copy of layers [layer_begin, layer_end) (units merged across
-  // consecutive block ids and evenly spaced planes); 0 when the layout's units are not contiguous.
-  int64_t dma_segment_bytes(int32_t layer_begin, int32_t layer_end) const;
+  // Mean bytes of one kDMA segment (engine units merged across consecutive block ids); 0 when
+  // the layout's units are not contiguous (no kDMA).
+  int64_t dma_segment_bytes() const;
 
   uintptr_t stream() const { return stream_; }
   int device() const { return device_; }
   int64_t num_chunks() const { return num_chunks_; }
-  int32_t num_layers() const;
   int64_t bytes(int32_t layer_begin, int32_t layer_end) const;
 
  private:
