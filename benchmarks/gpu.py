@@ -214,7 +214,7 @@ def run(args) -> dict:
             fn = C.gpu_gather if direction == "save" else C.gpu_scatter
             return lambda: fn(layout.native, ids, objs, bpc, 0, L, stream=sh, path=path, ctas=ctas)
         variants = {}
-        configs = [("auto", 0, 0), ("staged", 2, 0), ("dma", 4, 0), ("staged_ce", 3, 0)]
+        configs = [("auto", 0, 0), ("staged", 2, 0), ("dma", 4, 0), ("staged_ce", 3, 0), ("split", 5, 0)]
         if args.sweep:
             configs += [("direct", 1, c) for c in (4, 8, 16, 32, 132)] + [("staged", 2, c) for c in (2, 4, 8, 16)]
         for direction in ("save", "load"):
@@ -295,6 +295,7 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
     comp_lo = torch.cuda.Stream()
     comp_hi = torch.cuda.Stream(priority=-1)  # high priority compute stream
     s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    s1_hi, s2_hi = torch.cuda.Stream(priority=-1), torch.cuda.Stream(priority=-1)  # as LayerwiseLoad's own
     iters = 40
 
     # transfer time alone per (kind, path): sizes the number enqueued per measurement
@@ -318,7 +319,7 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
             xfer_ms[key] = e0.elapsed_time(e1) / 3
         return xfer_ms[key]
 
-    def measure(kinds, path=0, ctas=0, threads=0, piece=0, comp=comp_lo):
+    def measure(kinds, path=0, ctas=0, threads=0, piece=0, comp=comp_lo, hi=False):
         with torch.cuda.stream(comp):
             for _ in range(2):
                 torch.matmul(a, b, out=c)
@@ -326,7 +327,7 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
         ends, marks = [], {}
         for kind in kinds:
             fn = C.gpu_gather if kind == "save" else C.gpu_scatter
-            st = s1 if kind == "save" else s2
+            st = (s1_hi if hi else s1) if kind == "save" else (s2_hi if hi else s2)
             k = int(1.5 * iters * 1.45 / transfer_ms(kind, path, ctas, threads, piece)) + 2
             marks[kind] = []
             for _ in range(k):
@@ -358,7 +359,7 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
             gbs[kind + "_first_done_ms"] = t[0]
         return 2 * n ** 3 * iters / (ms * 1e-3) / 1e12, covered, gbs
 
-    S, DMA = 2, 4
+    S, DMA, SPLIT = 2, 4, 5
     variants = {
         "alone": ([], {}),
         "save": (["save"], {}),
@@ -369,6 +370,12 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
         "save_dma": (["save"], dict(path=DMA)),
         "load_dma": (["load"], dict(path=DMA)),
         "both_dma": (["save", "load"], dict(path=DMA)),
+        "save_split": (["save"], dict(path=SPLIT)),
+        "load_split": (["load"], dict(path=SPLIT)),
+        "save_split_hi": (["save"], dict(path=SPLIT, hi=True)),
+        "load_split_hi": (["load"], dict(path=SPLIT, hi=True)),
+        "load_split_hi_c16": (["load"], dict(path=SPLIT, hi=True, ctas=16)),
+        "load_staged_hi": (["load"], dict(path=S, hi=True)),
         "alone_comp_hi": ([], dict(comp=comp_hi)),
         "save_comp_hi": (["save"], dict(comp=comp_hi)),
     }
@@ -611,9 +618,9 @@ def _table(r) -> str:
              "", "GB/s (ratio to the pinned one-shot memcpy ceiling of the same bytes, measured in the same run). "
              "block ids: random = a random permutation; runs = each chunk's blocks consecutive. "
              "DMA segment = mean bytes per DMA-path segment (units merged across consecutive ids).", "",
-             "| shape | tokens | block ids | DMA segment KiB | MiB | dir | ceiling | ours auto (path) | ratio | staged | dma (no SMs) | dma ratio "
+             "| shape | tokens | block ids | DMA segment KiB | MiB | dir | ceiling | ours auto (path) | ratio | staged | dma (no SMs) | dma ratio | split | split ratio "
              "| naive memcpy/block | batched DMA/block | torch index_select+copy |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in r["cases"]:
         for d, ceil in (("save", "ceiling_d2h"), ("load", "ceiling_h2d")):
             lines.append(
@@ -622,6 +629,7 @@ def _table(r) -> str:
                 f"{c['ours_' + d]:.1f} ({c['auto_path_' + d]}) | {c['ratio_' + d]:.3f} | "
                 f"{c.get('ours_staged_' + d, 0):.1f} | {c.get('ours_dma_' + d, 0):.1f} | "
                 f"{c.get('ours_dma_' + d, 0) / c[ceil]:.3f} | "
+                f"{c['ours'].get(d + ':split', 0):.1f} | {c['ours'].get(d + ':split', 0) / c[ceil]:.3f} | "
                 f"{c['naive_' + d]:.1f} ({c['ratio_naive_' + d]:.2f}) | {c['batched_dma_' + d]:.1f} | "
                 f"{c['torch_' + d]:.1f} ({c['ratio_torch_' + d]:.2f}) |")
     for c in r["cases"]:
