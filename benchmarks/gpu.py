@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -214,7 +215,7 @@ def run(args) -> dict:
             fn = C.gpu_gather if direction == "save" else C.gpu_scatter
             return lambda: fn(layout.native, ids, objs, bpc, 0, L, stream=sh, path=path, ctas=ctas)
         variants = {}
-        configs = [("auto", 0, 0), ("staged", 2, 0), ("dma", 4, 0), ("staged_ce", 3, 0), ("split", 5, 0)]
+        configs = [("auto", 0, 0), ("staged", 2, 0), ("dma", 4, 0), ("staged_ce", 3, 0)]
         if args.sweep:
             configs += [("direct", 1, c) for c in (4, 8, 16, 32, 132)] + [("staged", 2, c) for c in (2, 4, 8, 16)]
         for direction in ("save", "load"):
@@ -285,8 +286,9 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
 
     Every variant is measured once per round, the rounds interleave all variants (order rotated
     each round) so that clock and temperature drift hit them alike; loss = 1 - median(with) /
-    median(alone). Transfers are enqueued first, enough of them to outlast the matmul loop (checked
-    with events: `covered`), so the matmuls run entirely under transfer traffic."""
+    median(alone). Transfers start with the matmul loop, enqueued by another thread, enough of them
+    to outlast it (checked with events: `covered`), so the matmuls run entirely under transfer
+    traffic."""
     n = 8192
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
@@ -295,7 +297,6 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
     comp_lo = torch.cuda.Stream()
     comp_hi = torch.cuda.Stream(priority=-1)  # high priority compute stream
     s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
-    s1_hi, s2_hi = torch.cuda.Stream(priority=-1), torch.cuda.Stream(priority=-1)  # as LayerwiseLoad's own
     iters = 40
 
     # transfer time alone per (kind, path): sizes the number enqueued per measurement
@@ -319,32 +320,48 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
             xfer_ms[key] = e0.elapsed_time(e1) / 3
         return xfer_ms[key]
 
-    def measure(kinds, path=0, ctas=0, threads=0, piece=0, comp=comp_lo, hi=False):
+    def measure(kinds, path=0, ctas=0, threads=0, piece=0, comp=comp_lo):
         with torch.cuda.stream(comp):
             for _ in range(2):
                 torch.matmul(a, b, out=c)
         torch.cuda.synchronize()
-        ends, marks = [], {}
+        ends, marks, queue = [], {}, []
         for kind in kinds:
             fn = C.gpu_gather if kind == "save" else C.gpu_scatter
-            st = (s1_hi if hi else s1) if kind == "save" else (s2_hi if hi else s2)
+            st = s1 if kind == "save" else s2
             k = int(1.5 * iters * 1.45 / transfer_ms(kind, path, ctas, threads, piece)) + 2
             marks[kind] = []
-            for _ in range(k):
-                fn(layout.native, ids, objs, bpc, 0, L, stream=st.cuda_stream, path=path, ctas=ctas, threads=threads,
-                   piece_bytes=piece)
-                m = torch.cuda.Event(enable_timing=True)
-                m.record(st)
-                marks[kind].append(m)
-            e = torch.cuda.Event(enable_timing=True)
-            e.record(st)
-            ends.append(e)
+            queue.append((kind, fn, st, k))
+
+        # Transfers are enqueued by another thread while this one enqueues the matmuls, as an engine's
+        # loads and saves are (the GIL is released inside each call): a path whose host-side
+        # enqueueing is slow then shows it here instead of running ahead of the matmuls.
+        def enqueue_transfers():
+            for i in range(max(q[3] for q in queue)):
+                for kind, fn, st, k in queue:
+                    if i < k:
+                        fn(layout.native, ids, objs, bpc, 0, L, stream=st.cuda_stream, path=path, ctas=ctas,
+                           threads=threads, piece_bytes=piece)
+                        m = torch.cuda.Event(enable_timing=True)
+                        m.record(st)
+                        marks[kind].append(m)
+            for kind, fn, st, k in queue:
+                e = torch.cuda.Event(enable_timing=True)
+                e.record(st)
+                ends.append(e)
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         e0.record(comp)
+        for kind, fn, st, k in queue:
+            st.wait_event(e0)
+        mover = threading.Thread(target=enqueue_transfers) if queue else None
+        if mover:
+            mover.start()
         with torch.cuda.stream(comp):
             for _ in range(iters):
                 torch.matmul(a, b, out=c)
         e1.record(comp)
+        if mover:
+            mover.join()
         torch.cuda.synchronize()
         ms = e0.elapsed_time(e1)
         covered = all(e0.elapsed_time(e) >= ms for e in ends)
@@ -359,7 +376,7 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
             gbs[kind + "_first_done_ms"] = t[0]
         return 2 * n ** 3 * iters / (ms * 1e-3) / 1e12, covered, gbs
 
-    S, DMA, SPLIT = 2, 4, 5
+    S, DMA = 2, 4
     variants = {
         "alone": ([], {}),
         "save": (["save"], {}),
@@ -370,12 +387,6 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
         "save_dma": (["save"], dict(path=DMA)),
         "load_dma": (["load"], dict(path=DMA)),
         "both_dma": (["save", "load"], dict(path=DMA)),
-        "save_split": (["save"], dict(path=SPLIT)),
-        "load_split": (["load"], dict(path=SPLIT)),
-        "save_split_hi": (["save"], dict(path=SPLIT, hi=True)),
-        "load_split_hi": (["load"], dict(path=SPLIT, hi=True)),
-        "load_split_hi_c16": (["load"], dict(path=SPLIT, hi=True, ctas=16)),
-        "load_staged_hi": (["load"], dict(path=S, hi=True)),
         "alone_comp_hi": ([], dict(comp=comp_hi)),
         "save_comp_hi": (["save"], dict(comp=comp_hi)),
     }
@@ -618,9 +629,9 @@ def _table(r) -> str:
              "", "GB/s (ratio to the pinned one-shot memcpy ceiling of the same bytes, measured in the same run). "
              "block ids: random = a random permutation; runs = each chunk's blocks consecutive. "
              "DMA segment = mean bytes per DMA-path segment (units merged across consecutive ids).", "",
-             "| shape | tokens | block ids | DMA segment KiB | MiB | dir | ceiling | ours auto (path) | ratio | staged | dma (no SMs) | dma ratio | split | split ratio "
+             "| shape | tokens | block ids | DMA segment KiB | MiB | dir | ceiling | ours auto (path) | ratio | staged | dma (no SMs) | dma ratio "
              "| naive memcpy/block | batched DMA/block | torch index_select+copy |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in r["cases"]:
         for d, ceil in (("save", "ceiling_d2h"), ("load", "ceiling_h2d")):
             lines.append(
@@ -629,7 +640,6 @@ def _table(r) -> str:
                 f"{c['ours_' + d]:.1f} ({c['auto_path_' + d]}) | {c['ratio_' + d]:.3f} | "
                 f"{c.get('ours_staged_' + d, 0):.1f} | {c.get('ours_dma_' + d, 0):.1f} | "
                 f"{c.get('ours_dma_' + d, 0) / c[ceil]:.3f} | "
-                f"{c['ours'].get(d + ':split', 0):.1f} | {c['ours'].get(d + ':split', 0) / c[ceil]:.3f} | "
                 f"{c['naive_' + d]:.1f} ({c['ratio_naive_' + d]:.2f}) | {c['batched_dma_' + d]:.1f} | "
                 f"{c['torch_' + d]:.1f} ({c['ratio_torch_' + d]:.2f}) |")
     for c in r["cases"]:

@@ -1,12 +1,15 @@
-"""Does the backing of pinned host memory change how fast the copy engines move scattered units?
+"""Where the DMA path loses time on scattered units: the pinned memory's backing, the host, or
+the copy engines?
 
-The DMA path's speed on scattered 32 KiB units varied from 0.55x to 0.94x of the pinned memcpy
-ceiling between bench invocations of the same code (results/gpu_H100-80GB-HBM3_runL_split.md);
-each invocation pins a fresh arena. This probe moves the same Llama-3.1-8B batch (random block
-ids) through arenas pinned four ways, several times each, and prints GB/s next to the one-shot
-memcpy ceiling measured on the same arena, with the arena's share of 2 MiB pages.
+The same Llama-3.1-8B batch (random block ids, 32 KiB units) is moved through pinned arenas made
+four ways (the project's host_alloc, 2 MiB-aligned huge pages, no huge pages, the driver's
+cudaHostAlloc), each printed next to the one-shot memcpy ceiling on the same arena, with the
+arena's share of 2 MiB pages; "gated" rates hold the stream on a GPU spin until every copy is
+enqueued (the copy engines' own rate), and "enqueue ms" is the host time of one call. Found
+(results/gpu_H100-80GB-HBM3_runL.md): the backing does not matter, gated copies run at the
+ceiling, and enqueueing costs about as long as the copies take.
 
-    python -m benchmarks.host_pages [--tokens 4096] [--reps 5] [--out DIR]
+    python -m benchmarks.host_pages [--tokens 4096] [--rounds 2] [--reps 5] [--arenas ...] [--out DIR]
 """
 from __future__ import annotations
 

@@ -35,8 +35,8 @@ void check_batch_shape(const IdArray& ids, const PtrArray& objs, int64_t bpc) {
 
 #ifdef KVSTORE_WITH_CUDA
 gpu::Options make_options(int path, int ctas, int threads, int64_t piece_bytes, int ring) {
-  KV_CHECK_ARG(path >= 0 && path <= 5,
-               "path must be 0 (auto), 1 (direct), 2 (staged), 3 (staged, copy engines), 4 (dma) or 5 (split)");
+  KV_CHECK_ARG(path >= 0 && path <= 4,
+               "path must be 0 (auto), 1 (direct), 2 (staged), 3 (staged, copy engines) or 4 (dma)");
   gpu::Options o;
   o.path = static_cast<gpu::Path>(path);
   o.ctas = ctas;
@@ -60,7 +60,6 @@ void bind_gpu_movers(py::module_& m) {
   m.attr("GPU_PATH_STAGED") = 2;
   m.attr("GPU_PATH_STAGED_CE") = 3;
   m.attr("GPU_PATH_DMA") = 4;
-  m.attr("GPU_PATH_SPLIT") = 5;
 
 #ifdef KVSTORE_WITH_CUDA
   auto one_shot = [](Direction dir) {

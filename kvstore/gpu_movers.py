@@ -35,9 +35,8 @@ from ._native import C
 from .errors import GPUUnavailableError, InvalidArgumentError, KVTimeoutError
 from .layout import KVLayout
 
-PATH_AUTO, PATH_DIRECT, PATH_STAGED, PATH_STAGED_CE, PATH_DMA, PATH_SPLIT = 0, 1, 2, 3, 4, 5
-PATH_NAMES = {PATH_DIRECT: "direct", PATH_STAGED: "staged", PATH_STAGED_CE: "staged_ce", PATH_DMA: "dma",
-              PATH_SPLIT: "split"}
+PATH_AUTO, PATH_DIRECT, PATH_STAGED, PATH_STAGED_CE, PATH_DMA = 0, 1, 2, 3, 4
+PATH_NAMES = {PATH_DIRECT: "direct", PATH_STAGED: "staged", PATH_STAGED_CE: "staged_ce", PATH_DMA: "dma"}
 
 _local = threading.local()
 _sm_counts: dict[int, int] = {}
@@ -199,7 +198,7 @@ class _Layerwise:
         rule; staged_ce / dma fall back to staged on layouts without contiguous units."""
         if self.path == PATH_AUTO:
             return PATH_NAMES[self._plan.choose(isinstance(self, LayerwiseSave), *self.layers)]
-        if self.path in (PATH_STAGED_CE, PATH_DMA, PATH_SPLIT) and self._plan.dma_segment_bytes() == 0:
+        if self.path in (PATH_STAGED_CE, PATH_DMA) and self._plan.dma_segment_bytes() == 0:
             return PATH_NAMES[PATH_STAGED]
         return PATH_NAMES[self.path]
 

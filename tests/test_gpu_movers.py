@@ -26,8 +26,7 @@ from kvstore.layout import KVLayout  # noqa: E402
 
 DTYPES = {2: torch.bfloat16, 1: torch.uint8}
 VLLM_ORDERS = ["LBHNC", "LBNHC", "LHBNC", "BLHNC", "BLNHC", "BHLNC"]
-PATHS = [gpu_movers.PATH_DIRECT, gpu_movers.PATH_STAGED, gpu_movers.PATH_STAGED_CE, gpu_movers.PATH_DMA,
-         gpu_movers.PATH_SPLIT]
+PATHS = [gpu_movers.PATH_DIRECT, gpu_movers.PATH_STAGED, gpu_movers.PATH_STAGED_CE, gpu_movers.PATH_DMA]
 
 
 def rand_bytes(gen: torch.Generator, shape, dtype) -> torch.Tensor:
@@ -184,11 +183,11 @@ def test_dma_merges_runs_of_block_ids(name):
     bpc = 16
     starts = [0, 16, 64, lay.num_blocks - bpc, 100]  # chunks 0 and 1 continue each other; the last block
     ids = np.concatenate([np.arange(s, s + bpc) for s in starts]).astype(np.int64)
-    for path in (gpu_movers.PATH_DMA, gpu_movers.PATH_SPLIT, gpu_movers.PATH_AUTO):
+    for path in (gpu_movers.PATH_DMA, gpu_movers.PATH_AUTO):
         for layers in ((0, L), (1, 3)):
             run_case(cache, rng, gen, path, len(starts), bpc, layers, ids=ids)
     ids[[5, 6, 40]] = -1  # the engine already holds these: loads leave them alone, saves refuse
-    for path in (gpu_movers.PATH_DMA, gpu_movers.PATH_SPLIT, gpu_movers.PATH_AUTO):
+    for path in (gpu_movers.PATH_DMA, gpu_movers.PATH_AUTO):
         run_case(cache, rng, gen, path, len(starts), bpc, (0, L), ids=ids, direction="scatter")
     objs = Objects(len(starts), lay.chunk_nbytes(bpc * N))
     plan = C.GpuPlan(lay.native, ids, np.array(objs.ptrs, np.uint64), bpc, 0)

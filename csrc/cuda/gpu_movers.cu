@@ -58,12 +58,14 @@ constexpr int kUnroll = 4;
 constexpr int kDmaStreams = 4;
 constexpr int64_t kDmaStreamBytes = int64_t(4) << 20;
 constexpr int64_t kDmaAutoSegment = int64_t(512) << 10;
-// kSplit: percent of the chunks moved by kDMA, the rest staged.
-constexpr int64_t kSplitDmaPercent = 70;
+// Copies per cudaMemcpyBatchAsync call. Measured on H100 (512 MiB / 4 GiB in 32 KiB units, 4
+// streams): 4096 -> 0.67-0.72x / 0.90-0.91x of the ceiling, 512 -> 0.88-0.89x / 0.96-0.97x,
+// 128 -> 0.92x / 0.94x: the copy engines wait for a whole call's worth of enqueueing.
+constexpr size_t kDmaBatch = 128;
 
 // Enqueues kDMA copies, one stream per thread (the caller is one of them).
 ThreadPool& dma_enqueue_pool() {
-  static ThreadPool pool(7);  // EXPERIMENT (kDmaStreams - 1)
+  static ThreadPool pool(kDmaStreams - 1);
   return pool;
 }
 
@@ -413,11 +415,9 @@ Path Plan::run(Direction dir, int32_t lb, int32_t le, const Options& opt) {
                "threads must be a multiple of 32 in [32, 1024]");
   KV_CHECK_ARG(opt.piece_bytes >= 0 && opt.ring >= 0 && opt.ring <= 64, "bad staging piece size or ring depth");
   Path path = opt.path == Path::kAuto ? choose(dir, lb, le) : opt.path;
-  KV_CHECK_ARG(path == Path::kDirect || path == Path::kStaged || path == Path::kStagedCE || path == Path::kDMA ||
-                   path == Path::kSplit,
+  KV_CHECK_ARG(path == Path::kDirect || path == Path::kStaged || path == Path::kStagedCE || path == Path::kDMA,
                "unknown path");
-  if ((path == Path::kStagedCE || path == Path::kDMA || path == Path::kSplit) && !m.unit_contiguous)
-    path = Path::kStaged;
+  if ((path == Path::kStagedCE || path == Path::kDMA) && !m.unit_contiguous) path = Path::kStaged;
   const bool gather = dir == Direction::kGather;
   // A skipped block has no bytes to save: the staged path would fill its place in the object with
   // whatever the ring held, so a save with skip blocks is refused rather than half-defined.
@@ -426,21 +426,8 @@ Path Plan::run(Direction dir, int32_t lb, int32_t le, const Options& opt) {
   KV_CUDA(cudaSetDevice(device_));
   cudaStream_t s = as_stream(stream_);
   if (path == Path::kDMA) {
-    join_dma(run_dma(gather, lb, le, 0, num_chunks_));
+    run_dma(gather, lb, le);
     return path;
-  }
-  // kSplit: the first chunks by kDMA (copy engines only), the rest staged, both under way at once.
-  int64_t first_staged = 0;
-  int dma_streams_used = 0;
-  if (path == Path::kSplit) {
-    const char* env = std::getenv("KVSTORE_SPLIT_DMA_PERCENT");  // EXPERIMENT
-    const int64_t share = env ? std::atoi(env) : kSplitDmaPercent;
-    first_staged = std::min(num_chunks_, (num_chunks_ * share + 50) / 100);
-    dma_streams_used = run_dma(gather, lb, le, 0, first_staged);
-    if (first_staged == num_chunks_) {
-      join_dma(dma_streams_used);
-      return path;
-    }
   }
   const int threads = opt.threads ? opt.threads : kDefaultThreads;
   const int W = m.width;
@@ -500,7 +487,7 @@ Path Plan::run(Direction dir, int32_t lb, int32_t le, const Options& opt) {
     lpp = nl;
     cpp = std::max<int64_t>(1, target / range_bytes);
   }
-  cpp = std::min(cpp, num_chunks_ - first_staged);
+  cpp = std::min(cpp, num_chunks_);
   const int64_t slot_bytes = ((cpp * lpp * layer_bytes + 255) / 256) * 256;
   if (!m.aux) {
     KV_CUDA(cudaStreamCreateWithFlags(&m.aux, cudaStreamNonBlocking));
@@ -557,7 +544,7 @@ Path Plan::run(Direction dir, int32_t lb, int32_t le, const Options& opt) {
     else kernel(c0, n, a, b, sp, ctas);
   };
   int64_t piece = 0;
-  for (int64_t c0 = first_staged; c0 < num_chunks_; c0 += cpp) {
+  for (int64_t c0 = 0; c0 < num_chunks_; c0 += cpp) {
     const int64_t n = std::min(cpp, num_chunks_ - c0);
     for (int32_t a = lb; a < le; a += int32_t(lpp)) {
       const int32_t b = std::min<int32_t>(le, a + int32_t(lpp));
@@ -594,23 +581,17 @@ Path Plan::run(Direction dir, int32_t lb, int32_t le, const Options& opt) {
   // Join: the caller's stream completes only after the last DMA.
   KV_CUDA(cudaEventRecord(m.ev_aux_done, m.aux));
   KV_CUDA(cudaStreamWaitEvent(s, m.ev_aux_done, 0));
-  join_dma(dma_streams_used);
   return path;
 }
 
-void Plan::join_dma(int n_streams) {
-  Impl& m = *impl_;
-  for (int i = 0; i < n_streams; ++i) KV_CUDA(cudaStreamWaitEvent(as_stream(stream_), m.dma_done[size_t(i)], 0));
-}
-
-int Plan::run_dma(bool gather, int32_t lb, int32_t le, int64_t chunk_begin, int64_t chunk_end) {
+void Plan::run_dma(bool gather, int32_t lb, int32_t le) {
   Impl& m = *impl_;
   const Layout& L = m.layout;
   const int64_t plane_bytes = m.bpc * m.unit_bytes;  // one plane of one layer in the object
   std::vector<uint64_t> eng, obj;
   std::vector<int64_t> sizes;
   int64_t total = 0;
-  for (int64_t c = chunk_begin; c < chunk_end; ++c)
+  for (int64_t c = 0; c < num_chunks_; ++c)
     for (int32_t li = lb; li < le; ++li)
       for (int32_t pl = 0; pl < L.num_planes; ++pl) {
         const uint64_t plane = L.plane_ptr(li, pl);
@@ -629,10 +610,9 @@ int Plan::run_dma(bool gather, int32_t lb, int32_t le, int64_t chunk_begin, int6
           total += m.unit_bytes;
         }
       }
-  if (sizes.empty()) return 0;
+  if (sizes.empty()) return;
   cudaStream_t s = as_stream(stream_);
-  static const int64_t max_streams = std::getenv("KVSTORE_DMA_STREAMS") ? std::atoi(std::getenv("KVSTORE_DMA_STREAMS")) : kDmaStreams;  // EXPERIMENT
-  const int n_streams = int(std::max<int64_t>(1, std::min<int64_t>(max_streams, total / kDmaStreamBytes)));
+  const int n_streams = int(std::max<int64_t>(1, std::min<int64_t>(kDmaStreams, total / kDmaStreamBytes)));
   if (!m.dma_start) KV_CUDA(cudaEventCreateWithFlags(&m.dma_start, cudaEventDisableTiming));
   while (int(m.dma_streams.size()) < n_streams) {
     cudaStream_t st;
@@ -643,7 +623,7 @@ int Plan::run_dma(bool gather, int32_t lb, int32_t le, int64_t chunk_begin, int6
     m.dma_done.push_back(ev);
   }
   // Contiguous ranges of segments with about equal bytes per stream, each ordered after the
-  // caller's stream; join_dma joins them back into it.
+  // caller's stream and joined back into it.
   std::vector<std::pair<size_t, size_t>> ranges;
   size_t begin = 0;
   int64_t done = 0;
@@ -658,9 +638,12 @@ int Plan::run_dma(bool gather, int32_t lb, int32_t le, int64_t chunk_begin, int6
     begin = end;
   }
   KV_CUDA(cudaEventRecord(m.dma_start, s));
-  // The driver spends ~0.5 us of host time per copy (measured: 8 ms to enqueue the 16384 copies
-  // of 512 MiB in 32 KiB units, which the copy engines then move at the pinned-memcpy ceiling),
-  // so one thread per stream enqueues that stream's copies.
+  // The driver spends ~0.4-0.5 us of host time per copy: the 16384 copies of 512 MiB in 32 KiB
+  // units take 6-10 ms to enqueue, about what the copy engines need to move them (and they move
+  // them at the pinned-memcpy ceiling once enqueued). So one thread per stream enqueues that
+  // stream's copies (the driver serialises much of it: 6-9 ms with 4 threads), in small batches
+  // so that the copy engines start on the first ones at once (measured: benchmarks/host_pages.py,
+  // results/gpu_H100-80GB-HBM3_runL.md).
   dma_enqueue_pool().parallel_for(int64_t(ranges.size()), [&](int64_t i) {
     KV_CUDA(cudaSetDevice(device_));
     const auto [b, e] = ranges[size_t(i)];
@@ -672,7 +655,7 @@ int Plan::run_dma(bool gather, int32_t lb, int32_t le, int64_t chunk_begin, int6
     memcpy_segments(d, r, z, reinterpret_cast<uintptr_t>(st), true);
     KV_CUDA(cudaEventRecord(m.dma_done[size_t(i)], st));
   });
-  return int(ranges.size());
+  for (size_t i = 0; i < ranges.size(); ++i) KV_CUDA(cudaStreamWaitEvent(s, m.dma_done[i], 0));
 }
 
 Path move(const Layout& layout, const ChunkBatch& batch, Direction dir, uintptr_t stream, const Options& opt) {
@@ -710,9 +693,8 @@ void memcpy_segments(const std::vector<uint64_t>& dsts, const std::vector<uint64
     attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
     size_t idx = 0;
     std::vector<size_t> sz(sizes.begin(), sizes.end());
-    static const size_t batch = std::getenv("KVSTORE_DMA_BATCH") ? std::atoi(std::getenv("KVSTORE_DMA_BATCH")) : 4096;  // EXPERIMENT
-    for (size_t i = 0; i < sizes.size(); i += batch) {  // bounded batches
-      const size_t n = std::min<size_t>(batch, sizes.size() - i);
+    for (size_t i = 0; i < sizes.size(); i += kDmaBatch) {
+      const size_t n = std::min<size_t>(kDmaBatch, sizes.size() - i);
 #if CUDART_VERSION >= 13000
       KV_CUDA(cudaMemcpyBatchAsync(reinterpret_cast<void* const*>(dsts.data() + i),
                                    reinterpret_cast<const void* const*>(srcs.data() + i), sz.data() + i, n, &attr,

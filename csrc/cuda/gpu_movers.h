@@ -31,10 +31,7 @@ namespace gpu {
 // over a few streams. Same unit-contiguity condition as kStagedCE (elsewhere it runs as kStaged).
 // Uses no SMs; fast when segments are big (block ids in runs), ~0.9x the ceiling on scattered
 // 32 KiB units and poor on smaller ones (measured: results/gpu_H100-80GB-HBM3.md).
-// kSplit: the first chunks by kDMA and the rest staged, both in flight at once: the copy engines'
-// per-copy cost on small units leaves PCIe time that the staged path's big DMAs fill, and only
-// the staged share needs SMs.
-enum class Path : int { kAuto = 0, kDirect = 1, kStaged = 2, kStagedCE = 3, kDMA = 4, kSplit = 5 };
+enum class Path : int { kAuto = 0, kDirect = 1, kStaged = 2, kStagedCE = 3, kDMA = 4 };
 
 struct Options {
   Path path = Path::kAuto;
@@ -78,10 +75,7 @@ class Plan {
   int64_t bytes(int32_t layer_begin, int32_t layer_end) const;
 
  private:
-  // Enqueues kDMA copies of chunks [chunk_begin, chunk_end) on the DMA streams (after the work
-  // enqueued so far on the plan's stream); returns how many streams join_dma must join back.
-  int run_dma(bool gather, int32_t layer_begin, int32_t layer_end, int64_t chunk_begin, int64_t chunk_end);
-  void join_dma(int n_streams);
+  void run_dma(bool gather, int32_t layer_begin, int32_t layer_end);
 
   struct Impl;
   std::unique_ptr<Impl> impl_;
