@@ -6,7 +6,7 @@ four ways (the project's host_alloc, 2 MiB-aligned huge pages, no huge pages, th
 cudaHostAlloc), each printed next to the one-shot memcpy ceiling on the same arena, with the
 arena's share of 2 MiB pages; "gated" rates hold the stream on a GPU spin until every copy is
 enqueued (the copy engines' own rate), and "enqueue ms" is the host time of one call. Found
-(results/gpu_H100-80GB-HBM3_runL.md): the backing does not matter, gated copies run at the
+(results/gpu_H100-80GB-HBM3.md, run L): the backing does not matter, gated copies run at the
 ceiling, and enqueueing costs about as long as the copies take.
 
     python -m benchmarks.host_pages [--tokens 4096] [--rounds 2] [--reps 5] [--arenas ...] [--out DIR]

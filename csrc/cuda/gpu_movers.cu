@@ -643,7 +643,7 @@ void Plan::run_dma(bool gather, int32_t lb, int32_t le) {
   // them at the pinned-memcpy ceiling once enqueued). So one thread per stream enqueues that
   // stream's copies (the driver serialises much of it: 6-9 ms with 4 threads), in small batches
   // so that the copy engines start on the first ones at once (measured: benchmarks/host_pages.py,
-  // results/gpu_H100-80GB-HBM3_runL.md).
+  // results/gpu_H100-80GB-HBM3.md, run L).
   dma_enqueue_pool().parallel_for(int64_t(ranges.size()), [&](int64_t i) {
     KV_CUDA(cudaSetDevice(device_));
     const auto [b, e] = ranges[size_t(i)];
