@@ -215,9 +215,10 @@ def test_staged_many_small_pieces_and_device_objects(path):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("head_elems,dtype", [(36, torch.bfloat16), (5, torch.uint8), (6, torch.float16)])
+@pytest.mark.parametrize("head_elems,dtype", [(36, torch.bfloat16), (5, torch.uint8), (6, torch.float16),
+                                             (3, torch.bfloat16)])
 def test_unaligned_widths(path, head_elems, dtype):
-    """Head rows of 72, 5 and 12 bytes: the kernel falls back to 8-, 1- and 4-byte vectors."""
+    """Head rows of 72, 5, 12 and 6 bytes: the kernel falls back to 8-, 1-, 4- and 2-byte vectors."""
     gen = torch.Generator().manual_seed(head_elems)
     rng = np.random.default_rng(head_elems)
     cache = cache_factories(3, 21, 4, 3, head_elems, dtype)["flashinfer"](gen)
