@@ -73,7 +73,8 @@ def run(args) -> dict:
     from kvstore._native import C
     from kvstore.layout import KVLayout
 
-    torch.cuda.init()
+    if C.cuda_device_count() == 0 or not torch.cuda.is_available():
+        raise SystemExit("benchmarks.host_pages needs a CUDA device")
     stream = torch.cuda.Stream()
     sh = stream.cuda_stream
     gen = torch.Generator(device="cuda").manual_seed(0)
