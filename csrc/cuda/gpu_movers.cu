@@ -51,10 +51,11 @@ constexpr int kRing = 4;
 constexpr int kUnroll = 4;
 // kDMA: segments spread over up to kDmaStreams streams, each stream getting >= kDmaStreamBytes.
 // Measured on H100 (1 GiB, 32 KiB units; results/gpu_H100-80GB-HBM3.md): 1 -> 4 streams lifts
-// 512 KiB segments from 0.92x to 0.97x of the pinned memcpy ceiling; scattered 32 KiB units stay
-// < 0.9x whatever the stream count. PATH_AUTO takes kDMA when the mean segment reaches
-// kDmaAutoSegment: at 512 KiB (Llama-8B, 16-block runs) DMA matches the staged path (0.96-0.975x)
-// with no SMs; at 288 KiB (MLA) and 128 KiB (TP4 shard) it falls to 0.89-0.95x, below staged.
+// 512 KiB segments from 0.92x to 0.97x of the pinned memcpy ceiling; scattered 32 KiB units reach
+// 0.90-0.92x (run L), bounded by the host's enqueueing, and take ~9 ms of host time per 512 MiB
+// where the staged path takes ~0.5 ms. PATH_AUTO takes kDMA when the mean segment reaches
+// kDmaAutoSegment: at 512 KiB (Llama-8B, 16-block runs) DMA matches the staged path (0.96-0.98x)
+// with no SMs; at 288 KiB (MLA) and 128 KiB (TP4 shard) it falls to 0.90-0.97x, below staged.
 constexpr int kDmaStreams = 4;
 constexpr int64_t kDmaStreamBytes = int64_t(4) << 20;
 constexpr int64_t kDmaAutoSegment = int64_t(512) << 10;
