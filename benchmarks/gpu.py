@@ -336,7 +336,15 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
         # Transfers are enqueued by another thread while this one enqueues the matmuls, as an engine's
         # loads and saves are (the GIL is released inside each call): a path whose host-side
         # enqueueing is slow then shows it here instead of running ahead of the matmuls.
+        failed = []
+
         def enqueue_transfers():
+            try:
+                enqueue_all()
+            except BaseException as e:  # re-raised below, on the measuring thread
+                failed.append(e)
+
+        def enqueue_all():
             for i in range(max(q[3] for q in queue)):
                 for kind, fn, st, k in queue:
                     if i < k:
@@ -362,6 +370,8 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
         e1.record(comp)
         if mover:
             mover.join()
+        if failed:
+            raise failed[0]
         torch.cuda.synchronize()
         ms = e0.elapsed_time(e1)
         covered = all(e0.elapsed_time(e) >= ms for e in ends)
