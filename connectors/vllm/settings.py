@@ -60,17 +60,14 @@ class ConnectorSettings:
         cuda_graphs = extra.get("cuda_graphs", "full")
         if cuda_graphs not in ("full", "piecewise"):
             raise ConfigError(f"kv_connector_extra_config.cuda_graphs must be 'full' or 'piecewise', got {cuda_graphs!r}")
-        lookup_wait_ms = extra.get("lookup_wait_ms", 100)
-        if (isinstance(lookup_wait_ms, bool) or not isinstance(lookup_wait_ms, int)
-                or not 0 <= lookup_wait_ms <= 10_000):
-            raise ConfigError(f"kv_connector_extra_config.lookup_wait_ms must be an integer in [0, 10000], "
-                              f"got {lookup_wait_ms!r}")
-        prefetch_mib = extra.get("prefetch_mib", 256)
-        if isinstance(prefetch_mib, bool) or not isinstance(prefetch_mib, int) or not 0 <= prefetch_mib <= 65536:
-            raise ConfigError(f"kv_connector_extra_config.prefetch_mib must be an integer in [0, 65536], "
-                              f"got {prefetch_mib!r}")
+        sizes = {}
+        for key, default, most in (("lookup_wait_ms", 100, 10_000), ("prefetch_mib", 256, 65536)):
+            value = extra.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:
+                raise ConfigError(f"kv_connector_extra_config.{key} must be an integer in [0, {most}], got {value!r}")
+            sizes[key] = value
         return cls(store=store, chunk_tokens=store.chunk_tokens, tenant=tenant, cuda_graphs=cuda_graphs,
-                   lookup_wait_ms=lookup_wait_ms, prefetch_mib=prefetch_mib, **flags)
+                   **sizes, **flags)
 
 
 def shard_namespace(vllm_config, settings: ConnectorSettings, tp_rank: int, lora: str = "") -> bytes:
