@@ -328,8 +328,6 @@ class AgentStore:
         chunks' depths go with BEGIN_WRITE)."""
         from .sessions import SaveSession
         keys, ids, bpc = self._validate(keys, layout, block_ids, allow_skip=False)
-        if depths is not None and len(depths) != len(keys):
-            raise InvalidArgumentError(f"{len(depths)} depths for {len(keys)} keys")
         return SaveSession(_SaveView(self), keys, layout, ids, bpc, depths)
 
     def record_load(self, hits: dict[str, int], requested: int, loaded: int, nbytes: int) -> None:

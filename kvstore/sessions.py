@@ -238,6 +238,10 @@ class LoadSession:
 class SaveSession:
     def __init__(self, store: "Store", keys: list[bytes], layout: KVLayout, ids: np.ndarray, bpc: int,
                  depths=None):
+        """depths: each chunk's index in its token sequence, if known (DRAM eviction takes deep
+        chunks first); one per key, checked before anything is reserved."""
+        if depths is not None and len(depths) != len(keys):
+            raise InvalidArgumentError(f"{len(depths)} depths for {len(keys)} keys")
         self._store = store
         self.layout = layout
         nbytes = layout.chunk_nbytes(store.config.chunk_tokens)

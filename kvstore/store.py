@@ -191,8 +191,6 @@ class Store:
         index in its token sequence, if known (DRAM eviction takes deep chunks first)."""
         from .sessions import SaveSession
         keys, ids, bpc = self._validate(keys, layout, block_ids, allow_skip=False)
-        if depths is not None and len(depths) != len(keys):
-            raise InvalidArgumentError(f"{len(depths)} depths for {len(keys)} keys")
         return SaveSession(self, keys, layout, ids, bpc, depths)
 
     def reserve_for_save(self, keys: list[bytes], nbytes: int, fingerprint: int, depths: Sequence[int] | None = None
