@@ -63,14 +63,17 @@ class Timer:
     def __init__(self, torch, stream):
         self.torch, self.stream = torch, stream
 
-    def __call__(self, fn, reps: int, warmup: int = 1) -> float:
-        """Median ms of fn() enqueued on self.stream, timed with events."""
+    def __call__(self, fn, reps: int, warmup: int = 1, before=None) -> float:
+        """Median ms of fn() enqueued on self.stream, timed with events; `before()`, if given, is
+        enqueued ahead of each timed call, outside the timing."""
         torch = self.torch
         for _ in range(warmup):
             fn()
         torch.cuda.synchronize()
         out = []
         for _ in range(reps):
+            if before is not None:
+                before()
             a = torch.cuda.Event(enable_timing=True)
             b = torch.cuda.Event(enable_timing=True)
             a.record(self.stream)

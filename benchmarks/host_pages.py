@@ -17,7 +17,6 @@ import argparse
 import ctypes
 import json
 import mmap
-import statistics
 import time
 from pathlib import Path
 
@@ -73,6 +72,8 @@ def run(args) -> dict:
     from kvstore._native import C
     from kvstore.layout import KVLayout
 
+    from .gpu import Timer, _gbs
+
     if C.cuda_device_count() == 0 or not torch.cuda.is_available():
         raise SystemExit("benchmarks.host_pages needs a CUDA device")
     stream = torch.cuda.Stream()
@@ -90,22 +91,16 @@ def run(args) -> dict:
     total = chunk_bytes * n_chunks
     dev = torch.empty(total, dtype=torch.uint8, device="cuda")
 
+    timer = Timer(torch, stream)
+
+    def spin():  # holds the stream ~20-30 ms on the GPU while fn enqueues everything
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(30_000_000)
+
     def timed(fn, reps, gate=False) -> float:
-        """GB/s of fn on the stream (median of reps). gate: the stream first spins 30 ms on the GPU,
-        so everything fn enqueues is in place before the copies start (the GPU-side rate alone)."""
-        fn()
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        ms = []
-        for _ in range(reps):
-            if gate:
-                with torch.cuda.stream(stream):
-                    torch.cuda._sleep(30_000_000)  # ~20-30 ms at H100 clocks
-            e0.record(stream)
-            fn()
-            e1.record(stream)
-            e1.synchronize()
-            ms.append(e0.elapsed_time(e1))
-        return total / (statistics.median(ms) * 1e-3) / 1e9
+        """GB/s of fn on the stream (median of reps). gate: the stream first spins on the GPU, so
+        everything fn enqueues is in place before the copies start (the GPU-side rate alone)."""
+        return _gbs(total, timer(fn, reps, before=spin if gate else None))
 
     rows = []
     for rnd in range(args.rounds):
