@@ -98,6 +98,12 @@ def single_prompt(llm, lengths: list[int], prompts: int, before_reload=None) -> 
     return result
 
 
+def _percentile(values, q: float) -> float:
+    """The value at rank floor(q * n) of the sorted values (the largest for small n)."""
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
 def concurrency(llm, system_tokens: int, suffix_tokens: int, batch_sizes: list[int], before_reload=None) -> dict:
     """N requests at once sharing a system prompt (stored by an earlier request, then dropped from
     the GPU), each with its own suffix: TTFT p50/p99 and prefill tokens/s."""
@@ -113,8 +119,8 @@ def concurrency(llm, system_tokens: int, suffix_tokens: int, batch_sizes: list[i
         t = time.perf_counter()
         rows = run_requests(llm, prompts, max_tokens=1)
         wall = time.perf_counter() - t
-        ttfts = sorted(r["ttft_ms"] for r in rows)
-        result[str(n)] = {"ttft_p50_ms": statistics.median(ttfts), "ttft_p99_ms": ttfts[min(n - 1, int(0.99 * n))],
+        ttfts = [r["ttft_ms"] for r in rows]
+        result[str(n)] = {"ttft_p50_ms": statistics.median(ttfts), "ttft_p99_ms": _percentile(ttfts, 0.99),
                           "prefill_tokens_per_s": sum(len(p) for p in prompts) / wall, "wall_s": wall}
         print(f"  concurrency {n}: p50 {result[str(n)]['ttft_p50_ms']:.1f} ms, p99 {result[str(n)]['ttft_p99_ms']:.1f} ms,"
               f" {result[str(n)]['prefill_tokens_per_s']:.0f} prefill tok/s", flush=True)
@@ -143,16 +149,12 @@ def multi_turn(llm, users: int, turns: int, context_tokens: int, question_tokens
             rows.append([turn, u, len(prompt), round(row["ttft_ms"], 3)])
             history[u] = prompt + row["tokens"]
     total = time.perf_counter() - t
-
-    def p(values, q):
-        s = sorted(values)
-        return s[min(len(s) - 1, int(q * len(s)))]
     every = ttfts + first_turns
     # The first turn of each user has nothing to reuse anywhere (a cold prefill in every
     # configuration): reported apart as well, so the tail of the turns that can reuse shows.
-    result = {"requests": len(every), "ttft_p50_ms": statistics.median(every), "ttft_p99_ms": p(every, 0.99),
+    result = {"requests": len(every), "ttft_p50_ms": statistics.median(every), "ttft_p99_ms": _percentile(every, 0.99),
               "later_turns_ttft_p50_ms": statistics.median(ttfts) if ttfts else None,
-              "later_turns_ttft_p99_ms": p(ttfts, 0.99) if ttfts else None,
+              "later_turns_ttft_p99_ms": _percentile(ttfts, 0.99) if ttfts else None,
               "first_turn_ttft_p50_ms": statistics.median(first_turns), "first_turn_ttft_max_ms": max(first_turns),
               "total_s": total, "final_context_tokens": statistics.mean(len(h) for h in history),
               "turns": {"columns": ["turn", "user", "prompt_tokens", "ttft_ms"], "rows": rows},
