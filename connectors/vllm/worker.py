@@ -416,10 +416,7 @@ class ConnectorWorker:
             self._save = None
         self._finish_loads()
         self._unpin_done_load()
-        with self._prefetch_lock:
-            dropped, self._prefetch = self._prefetch, None
-        if dropped is not None:
-            self._close_quietly(dropped)
+        self._take_prefetch([])  # drops any prefetch (one is never of no keys)
         finisher, self._finisher = self._finisher, None
         if finisher is not None:  # publish what is in flight, then stop
             try:
