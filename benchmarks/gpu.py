@@ -400,6 +400,8 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
         "save_dma": (["save"], dict(path=DMA)),
         "load_dma": (["load"], dict(path=DMA)),
         "both_dma": (["save", "load"], dict(path=DMA)),
+        "load_dma_sorted": (["load"], dict(path=DMA, env={"KVSTORE_DMA_SORT": "1"})),  # EXPERIMENT
+        "save_dma_sorted": (["save"], dict(path=DMA, env={"KVSTORE_DMA_SORT": "1"})),  # EXPERIMENT
         "alone_comp_hi": ([], dict(comp=comp_hi)),
         "save_comp_hi": (["save"], dict(comp=comp_hi)),
     }
@@ -411,7 +413,14 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
         order = names[r % len(names):] + names[:r % len(names)]
         for k in order:
             kinds, kw = variants[k]
-            tf, ok, gbs = measure(kinds, **kw)
+            kw = dict(kw)
+            env = kw.pop("env", {})
+            os.environ.update(env)
+            try:
+                tf, ok, gbs = measure(kinds, **kw)
+            finally:
+                for name in env:
+                    os.environ.pop(name, None)
             got[k].append(tf)
             for kind, v in gbs.items():
                 xfer_during[k].setdefault(kind, []).append(v)
@@ -530,26 +539,46 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, ceiling_g
     enqueue_s = {}
 
     def forward(mode, make, comp, size=""):
-        """make() -> handle or None. Returns event ms of the 32 layers."""
+        """make() -> handle or None, or (make, lookahead), or (make, dict of start() options plus
+        "chain" and "env"). Returns event ms of the 32 layers."""
         x, ws = mats[size]
-        look = None
+        opts = {}
         if isinstance(make, tuple):
-            make, look = make
+            make, opts = make
+            opts = dict(opts) if isinstance(opts, dict) else {"lookahead": opts}
+        env = opts.pop("env", {})
+        chain = opts.pop("chain", True)
+        saved_env = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return _forward(mode, make, comp, x, ws, opts, chain)
+        finally:
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def _forward(mode, make, comp, x, ws, opts, chain):
         h = make() if make is not None else None
+        if h is not None:
+            h._chain = chain
+        look = opts.get("lookahead")
+        bg = opts.get("background", False)
         with torch.cuda.stream(comp):
             if h is not None and mode == "all_prefetched":  # floor: only the 32 event waits remain
                 h.start(after_stream=comp)
                 h.wait(timeout_s=30)
             if mode != "inline":
-                torch.cuda._sleep(sleep_cycles)
+                torch.cuda._sleep(sleep_cycles * (4 if mode == "ahead_long" else 1))
             if h is not None and mode == "layer0_prefetched":
-                h.start(after_stream=comp)
+                h.start(after_stream=comp, background=bg)
                 h.wait_layer(0, comp)
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             e0.record(comp)
-            if h is not None and mode in ("inline", "ahead"):
+            if h is not None and mode in ("inline", "ahead", "ahead_long"):
                 t = time.perf_counter()
-                h.start(after_stream=comp, lookahead=look)
+                h.start(after_stream=comp, lookahead=look, background=bg)
                 enqueue_s.setdefault(mode, []).append(time.perf_counter() - t)
             y = x
             for layer in range(L):
@@ -591,6 +620,19 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, ceiling_g
         "inline_dma": ("inline", dma, comp_lo, ""),
         "ahead_dma": ("ahead", dma, comp_lo, ""),
         "pre0_dma": ("layer0_prefetched", dma, comp_lo, ""),
+        # EXPERIMENT (fifth session): chained layers; KVSTORE_DMA_WINDOW W = a stream's copies of layer
+        # l also wait until every stream finished layer l - W (1 = a barrier per layer, as before)
+        **{f"{m}_dma_w{w}{'_s' + str(st) if st else ''}{'_bg' if bg else ''}": (
+            mode, (dma, {"background": bg, "env": {"KVSTORE_DMA_WINDOW": str(w), **(
+                {"KVSTORE_DMA_CHAIN_STREAMS": str(st)} if st else {})}}), comp_lo, "")
+           for m, mode in (("pre0", "layer0_prefetched"), ("ahead", "ahead"), ("along", "ahead_long"))
+           for w, st, bg in ((1, 0, False), (2, 0, False), (3, 0, False), (999, 0, False), (999, 1, False),
+                             (999, 2, False), (2, 0, True), (999, 1, True))},
+        "pre0_default_unchained": ("layer0_prefetched", (default, {"env": {"KVSTORE_STAGED_CHAIN": "0"}}), comp_lo, ""),
+        "ahead_default_unchained": ("ahead", (default, {"env": {"KVSTORE_STAGED_CHAIN": "0"}}), comp_lo, ""),
+        "along_default_unchained": ("ahead_long", (default, {"env": {"KVSTORE_STAGED_CHAIN": "0"}}), comp_lo, ""),
+        "along_default": ("ahead_long", default, comp_lo, ""),
+        "pre0_staged_ce": ("layer0_prefetched", loader(path=gpu_movers.PATH_STAGED_CE), comp_lo, ""),
         "pre0_default": ("layer0_prefetched", default, comp_lo, ""),
         "pre0_old": ("layer0_prefetched", old, comp_lo, ""),
         "preall_default": ("all_prefetched", default, comp_lo, ""),

@@ -237,6 +237,7 @@ class LayerwiseLoad(_Layerwise):
     high-priority stream so that it is dispatched first in that gap. Overhead of a 32-layer
     forward with compute ~1.1x the transfer: 32-35 % -> 6.5-8.7 % (layer 0 exposed; floor 2.8 %)."""
     default_priority = -5  # the highest; CUDA clamps it to the device's range
+    _chain = True
 
     @staticmethod
     def default_ctas(device: int) -> int:
@@ -283,7 +284,10 @@ class LayerwiseLoad(_Layerwise):
         try:
             while self._next < stop:
                 layer = self._next
-                self._plan.scatter(layer, layer + 1, path=self.path, ctas=self.ctas, piece_bytes=self.piece_bytes)
+                # chained: nothing but event records sits between two layers on the load stream,
+                # so layer l+1's DMA need not wait for layer l to land (only for its ring slot)
+                self._plan.scatter(layer, layer + 1, path=self.path, ctas=self.ctas, piece_bytes=self.piece_bytes,
+                                   chained=self._chain and layer > self.layers[0])
                 C.cuda_event_record(self._event(layer), self.stream)
                 if layer == self.layers[0]:
                     trace.mark("load.first_layer_enqueued")

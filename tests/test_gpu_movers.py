@@ -277,6 +277,41 @@ def test_layerwise_load_orders_compute():
             assert torch.equal(snaps[layer].cpu().view(torch.uint8), cache.cpu[layer].view(torch.uint8)), layer
 
 
+@pytest.mark.parametrize("piece_bytes", [0, 5000])
+def test_chained_layers_start_after_the_start_point_and_reuse_the_ring(piece_bytes):
+    """Layers after the first are chained (their DMA does not wait for the previous layer to land):
+    they must still start after the work the load was ordered after. The current stream sleeps,
+    then overwrites every layer with poison; a layer moved before that would be poisoned. Small
+    pieces (5000 bytes) make each layer several staged pieces, so the ring wraps within and across
+    layers."""
+    gen = torch.Generator().manual_seed(17)
+    rng = np.random.default_rng(17)
+    L = 9
+    cache = cache_factories(L, 80, 16, 2, 40, torch.bfloat16)["flash_attn"](gen)
+    lay = cache.layout_gpu
+    bpc, n = 3, 7
+    ids = pick_ids(rng, lay.num_blocks, n, bpc)
+    objs = Objects(n, lay.chunk_nbytes(bpc * 16))
+    for path in PATHS:
+        objs.fill(rng)
+        cache.poison(gen)
+        C.scatter(cache.layout_cpu.native, ids, objs.ref_ptrs, bpc, 0, L)
+        poison = [rand_bytes(gen, t.shape, t.dtype).cuda() for t in cache.gpu]
+        torch.cuda.synchronize()
+        torch.cuda._sleep(20_000_000)  # ~10 ms
+        for t, p in zip(cache.gpu, poison):
+            t.copy_(p)
+        h = gpu_movers.LayerwiseLoad(lay, ids, objs.ptrs, bpc, path=path, keepalive=objs, piece_bytes=piece_bytes)
+        h.start(after_stream=torch.cuda.current_stream())
+        h.wait(timeout_s=30)
+        h.close()
+        # blocks outside the batch keep the poison; the batch's blocks hold the objects' bytes
+        keep = torch.from_numpy(np.setdiff1d(np.arange(lay.num_blocks), ids))
+        for t, p in zip(cache.cpu, poison):
+            t[:, keep] = p.cpu()[:, keep]
+        assert cache.equal(), gpu_movers.PATH_NAMES[path]
+
+
 def test_layer_waits_inside_a_captured_cuda_graph():
     """Per-layer events owned by the caller and reused by every load: a CUDA graph captured once
     (the waits become external-event nodes) waits, at each replay, for the load enqueued before

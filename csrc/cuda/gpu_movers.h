@@ -39,6 +39,11 @@ struct Options {
   int threads = 0;          // threads per CTA; 0 = default (512)
   int64_t piece_bytes = 0;  // staged path: bytes per DMA piece; 0 = default
   int ring = 0;             // staged path: pieces in flight; 0 = default
+  // Loads only: this run follows the plan's previous load on its stream with nothing new enqueued
+  // there in between (the next layer of a layer-wise load). The plan's side streams (staged DMA,
+  // kDMA streams) then go on from where they are instead of first waiting for the plan's stream
+  // to drain, so layer l+1 moves while layer l is still being scattered (up to the ring's depth).
+  bool chained = false;
 };
 
 struct DeviceInfo {
@@ -75,7 +80,7 @@ class Plan {
   int64_t bytes(int32_t layer_begin, int32_t layer_end) const;
 
  private:
-  void run_dma(bool gather, int32_t layer_begin, int32_t layer_end);
+  void run_dma(bool gather, int32_t layer_begin, int32_t layer_end, bool chained);
 
   struct Impl;
   std::unique_ptr<Impl> impl_;
