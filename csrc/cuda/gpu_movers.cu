@@ -64,11 +64,6 @@ constexpr int64_t kDmaAutoSegment = int64_t(512) << 10;
 // 128 -> 0.92x / 0.94x: the copy engines wait for a whole call's worth of enqueueing.
 constexpr size_t kDmaBatch = 128;
 
-int env_int(const char* name, int dflt) {  // EXPERIMENT
-  const char* v = std::getenv(name);
-  return v && *v ? std::atoi(v) : dflt;
-}
-
 // Enqueues kDMA copies, one stream per thread (the caller is one of them).
 ThreadPool& dma_enqueue_pool() {
   static ThreadPool pool(kDmaStreams - 1);
@@ -275,9 +270,6 @@ struct Plan::Impl {
   std::vector<cudaStream_t> dma_streams;
   std::vector<cudaEvent_t> dma_done;
   cudaEvent_t dma_start = nullptr;
-  size_t dma_forked = 0;  // kDMA streams already ordered after the plan's stream (chained runs)
-  int64_t dma_run = 0;
-  std::vector<cudaEvent_t> dma_join;
   int width = 1;
   bool objects_on_host = true;
   // staged path, created on first use
@@ -386,7 +378,6 @@ Plan::~Plan() {
   if (m.ev_aux_done) cudaEventDestroy(m.ev_aux_done);
   if (m.aux) cudaStreamDestroy(m.aux);
   for (cudaEvent_t e : m.dma_done) cudaEventDestroy(e);
-  for (cudaEvent_t e : m.dma_join) cudaEventDestroy(e);
   if (m.dma_start) cudaEventDestroy(m.dma_start);
   for (cudaStream_t st : m.dma_streams) cudaStreamDestroy(st);
   cudaGetLastError();
@@ -441,7 +432,7 @@ Path Plan::run(Direction dir, int32_t lb, int32_t le, const Options& opt) {
   KV_CUDA(cudaSetDevice(device_));
   cudaStream_t s = as_stream(stream_);
   if (path == Path::kDMA) {
-    run_dma(gather, lb, le, opt.chained);
+    run_dma(gather, lb, le);  // not chained: see Options::chained
     return path;
   }
   const int threads = opt.threads ? opt.threads : kDefaultThreads;
@@ -517,8 +508,7 @@ Path Plan::run(Direction dir, int32_t lb, int32_t le, const Options& opt) {
     m.ev_free.push_back(b);
   }
   // A chained run reuses the ring as the last run cut it; anything else first drains it (fork).
-  bool fork = !(opt.chained && env_int("KVSTORE_STAGED_CHAIN", 1) && m.aux_forked && m.ring_slot_bytes == slot_bytes &&
-                m.ring_slots == ring);
+  bool fork = !(opt.chained && m.aux_forked && m.ring_slot_bytes == slot_bytes && m.ring_slots == ring);
   m.ring_slot_bytes = slot_bytes;
   m.ring_slots = ring;
   if (m.staging_bytes < slot_bytes * ring) {
@@ -609,7 +599,7 @@ Path Plan::run(Direction dir, int32_t lb, int32_t le, const Options& opt) {
   return path;
 }
 
-void Plan::run_dma(bool gather, int32_t lb, int32_t le, bool chained) {
+void Plan::run_dma(bool gather, int32_t lb, int32_t le) {
   Impl& m = *impl_;
   const Layout& L = m.layout;
   const int64_t plane_bytes = m.bpc * m.unit_bytes;  // one plane of one layer in the object
@@ -636,24 +626,8 @@ void Plan::run_dma(bool gather, int32_t lb, int32_t le, bool chained) {
         }
       }
   if (sizes.empty()) return;
-  if (const char* env = std::getenv("KVSTORE_DMA_SORT"); env && env[0] == '1') {  // EXPERIMENT
-    std::vector<size_t> order(sizes.size());
-    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-    std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return eng[a] < eng[b]; });
-    std::vector<uint64_t> e2, o2;
-    std::vector<int64_t> z2;
-    for (size_t i : order) {
-      e2.push_back(eng[i]);
-      o2.push_back(obj[i]);
-      z2.push_back(sizes[i]);
-    }
-    eng.swap(e2);
-    obj.swap(o2);
-    sizes.swap(z2);
-  }
   cudaStream_t s = as_stream(stream_);
-  int n_streams = int(std::max<int64_t>(1, std::min<int64_t>(kDmaStreams, total / kDmaStreamBytes)));
-  if (chained) n_streams = std::min(n_streams, env_int("KVSTORE_DMA_CHAIN_STREAMS", kDmaStreams));  // EXPERIMENT
+  const int n_streams = int(std::max<int64_t>(1, std::min<int64_t>(kDmaStreams, total / kDmaStreamBytes)));
   if (!m.dma_start) KV_CUDA(cudaEventCreateWithFlags(&m.dma_start, cudaEventDisableTiming));
   while (int(m.dma_streams.size()) < n_streams) {
     cudaStream_t st;
@@ -678,22 +652,7 @@ void Plan::run_dma(bool gather, int32_t lb, int32_t le, bool chained) {
     ranges.emplace_back(begin, end);
     begin = end;
   }
-  // Streams forked by an earlier run need no new fork when chained: their copies of this run
-  // queue behind their own earlier ones, not behind the slowest stream's (no barrier per layer).
-  const int window = env_int("KVSTORE_DMA_WINDOW", 1 << 30);  // EXPERIMENT
-  const size_t forked = chained && window > 1 ? m.dma_forked : 0;
-  if (ranges.size() > forked) KV_CUDA(cudaEventRecord(m.dma_start, s));
-  const int64_t run_no = m.dma_run++;
-  if (int(m.dma_join.size()) < window && window < 64) {
-    while (int(m.dma_join.size()) < window) {
-      cudaEvent_t ev;
-      KV_CUDA(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
-      m.dma_join.push_back(ev);
-    }
-  }
-  // window W: a stream's copies of run n also wait until every stream finished run n - W
-  cudaEvent_t lag = (chained && window > 1 && window < 64 && run_no >= window) ? m.dma_join[size_t(run_no % window)]
-                                                                                : nullptr;
+  KV_CUDA(cudaEventRecord(m.dma_start, s));
   // The driver spends ~0.4-0.5 us of host time per copy: the 16384 copies of 512 MiB in 32 KiB
   // units take 6-10 ms to enqueue, about what the copy engines need to move them (and they move
   // them at the pinned-memcpy ceiling once enqueued). So one thread per stream enqueues that
@@ -707,16 +666,11 @@ void Plan::run_dma(bool gather, int32_t lb, int32_t le, bool chained) {
     const std::vector<uint64_t> r((gather ? eng : obj).begin() + b, (gather ? eng : obj).begin() + e);
     const std::vector<int64_t> z(sizes.begin() + b, sizes.begin() + e);
     cudaStream_t st = m.dma_streams[size_t(i)];
-    if (size_t(i) >= forked) KV_CUDA(cudaStreamWaitEvent(st, m.dma_start, 0));
-    else if (lag) KV_CUDA(cudaStreamWaitEvent(st, lag, 0));
-    memcpy_segments(d, r, z, reinterpret_cast<uintptr_t>(st), env_int("KVSTORE_DMA_PLAIN", 0) == 0);
+    KV_CUDA(cudaStreamWaitEvent(st, m.dma_start, 0));
+    memcpy_segments(d, r, z, reinterpret_cast<uintptr_t>(st), true);
     KV_CUDA(cudaEventRecord(m.dma_done[size_t(i)], st));
-    if (env_int("KVSTORE_DMA_BREAK", 0) == 1) KV_CUDA(cudaStreamWaitEvent(st, m.dma_done[size_t(i)], 0));
-    if (env_int("KVSTORE_DMA_BREAK", 0) == 2) KV_CUDA(cudaStreamWaitEvent(st, m.dma_start, 0));
   });
   for (size_t i = 0; i < ranges.size(); ++i) KV_CUDA(cudaStreamWaitEvent(s, m.dma_done[i], 0));
-  m.dma_forked = std::max(forked, ranges.size());
-  if (window > 1 && window < 64) KV_CUDA(cudaEventRecord(m.dma_join[size_t(run_no % window)], s));
 }
 
 Path move(const Layout& layout, const ChunkBatch& batch, Direction dir, uintptr_t stream, const Options& opt) {

@@ -40,9 +40,12 @@ struct Options {
   int64_t piece_bytes = 0;  // staged path: bytes per DMA piece; 0 = default
   int ring = 0;             // staged path: pieces in flight; 0 = default
   // Loads only: this run follows the plan's previous load on its stream with nothing new enqueued
-  // there in between (the next layer of a layer-wise load). The plan's side streams (staged DMA,
-  // kDMA streams) then go on from where they are instead of first waiting for the plan's stream
-  // to drain, so layer l+1 moves while layer l is still being scattered (up to the ring's depth).
+  // there in between (the next layer of a layer-wise load). The staged path's DMA then goes on
+  // round the ring instead of first waiting for the plan's stream to drain, so layer l+1 crosses
+  // PCIe while layer l waits for SMs (up to the ring's depth ahead). kDMA ignores it: its copies
+  // stay fenced layer by layer, because an event after batched copies on a stream completed only
+  // with the copies queued behind it (chained, layer 0 arrived with the last layer; measured:
+  // benchmarks/layer_arrival.py, results/gpu_H100-80GB-HBM3.md run M).
   bool chained = false;
 };
 
@@ -80,7 +83,7 @@ class Plan {
   int64_t bytes(int32_t layer_begin, int32_t layer_end) const;
 
  private:
-  void run_dma(bool gather, int32_t layer_begin, int32_t layer_end, bool chained);
+  void run_dma(bool gather, int32_t layer_begin, int32_t layer_end);
 
   struct Impl;
   std::unique_ptr<Impl> impl_;
