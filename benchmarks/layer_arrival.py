@@ -31,18 +31,6 @@ VARIANTS = {
     "dma_background": ("dma", {"background": True}, True),
     "staged": ("staged", {}, True),       # the default for scattered blocks
     "staged_unchained": ("staged", {}, False),  # as before run M: each layer's DMA after the previous scatter
-    # EXPERIMENT: DMA chained with other copy attributes
-    "x_dma_noflag": ("dma", {}, True, {"KVSTORE_DMA_FLAGS": "0"}),
-    "x_dma_chain_flag_1s": ("dma", {}, True, {"KVSTORE_DMA_CHAIN": "1", "KVSTORE_DMA_CHAIN_STREAMS": "1"}),
-    "x_dma_chain_noflag_1s": ("dma", {}, True, {"KVSTORE_DMA_CHAIN": "1", "KVSTORE_DMA_CHAIN_STREAMS": "1",
-                                                "KVSTORE_DMA_FLAGS": "0"}),
-    "x_dma_chain_noflag_4s": ("dma", {}, True, {"KVSTORE_DMA_CHAIN": "1", "KVSTORE_DMA_FLAGS": "0"}),
-    "x_dma_chain_noflag_2s": ("dma", {}, True, {"KVSTORE_DMA_CHAIN": "1", "KVSTORE_DMA_CHAIN_STREAMS": "2",
-                                                "KVSTORE_DMA_FLAGS": "0"}),
-    "x_dma_chain_noflag_any_1s": ("dma", {}, True, {"KVSTORE_DMA_CHAIN": "1", "KVSTORE_DMA_CHAIN_STREAMS": "1",
-                                                    "KVSTORE_DMA_FLAGS": "0", "KVSTORE_DMA_ORDER_ANY": "1"}),
-    "x_dma_chain_noflag_1s_bg": ("dma", {"background": True}, True,
-                                 {"KVSTORE_DMA_CHAIN": "1", "KVSTORE_DMA_CHAIN_STREAMS": "1", "KVSTORE_DMA_FLAGS": "0"}),
 }
 
 
@@ -83,12 +71,7 @@ def run(args) -> dict:
     gate_cycles = int(2e9 * args.gate_ms * 1e-3)
 
     def once(name: str) -> dict:
-        path, opts, chain, *env = VARIANTS[name]
-        import os
-        for k in list(os.environ):
-            if k.startswith("KVSTORE_DMA_"):
-                del os.environ[k]
-        os.environ.update(env[0] if env else {})
+        path, opts, chain = VARIANTS[name]
         torch.cuda.synchronize()
         h = gpu_movers.LayerwiseLoad(layout, ids, objs, bpc, path=paths[path], keepalive=arena)
         h._chain = chain

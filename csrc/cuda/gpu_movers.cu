@@ -64,11 +64,6 @@ constexpr int64_t kDmaAutoSegment = int64_t(512) << 10;
 // 128 -> 0.92x / 0.94x: the copy engines wait for a whole call's worth of enqueueing.
 constexpr size_t kDmaBatch = 128;
 
-int env_int(const char* name, int dflt) {  // EXPERIMENT
-  const char* v = std::getenv(name);
-  return v && *v ? std::atoi(v) : dflt;
-}
-
 // Enqueues kDMA copies, one stream per thread (the caller is one of them).
 ThreadPool& dma_enqueue_pool() {
   static ThreadPool pool(kDmaStreams - 1);
@@ -275,7 +270,6 @@ struct Plan::Impl {
   std::vector<cudaStream_t> dma_streams;
   std::vector<cudaEvent_t> dma_done;
   cudaEvent_t dma_start = nullptr;
-  size_t dma_forked = 0;  // EXPERIMENT
   int width = 1;
   bool objects_on_host = true;
   // staged path, created on first use
@@ -438,7 +432,7 @@ Path Plan::run(Direction dir, int32_t lb, int32_t le, const Options& opt) {
   KV_CUDA(cudaSetDevice(device_));
   cudaStream_t s = as_stream(stream_);
   if (path == Path::kDMA) {
-    run_dma(gather, lb, le, opt.chained);  // not chained: see Options::chained
+    run_dma(gather, lb, le);  // not chained: see Options::chained
     return path;
   }
   const int threads = opt.threads ? opt.threads : kDefaultThreads;
@@ -605,7 +599,7 @@ Path Plan::run(Direction dir, int32_t lb, int32_t le, const Options& opt) {
   return path;
 }
 
-void Plan::run_dma(bool gather, int32_t lb, int32_t le, bool chained) {
+void Plan::run_dma(bool gather, int32_t lb, int32_t le) {
   Impl& m = *impl_;
   const Layout& L = m.layout;
   const int64_t plane_bytes = m.bpc * m.unit_bytes;  // one plane of one layer in the object
@@ -633,9 +627,7 @@ void Plan::run_dma(bool gather, int32_t lb, int32_t le, bool chained) {
       }
   if (sizes.empty()) return;
   cudaStream_t s = as_stream(stream_);
-  int n_streams = int(std::max<int64_t>(1, std::min<int64_t>(kDmaStreams, total / kDmaStreamBytes)));
-  chained = chained && env_int("KVSTORE_DMA_CHAIN", 0) == 1;  // EXPERIMENT
-  if (chained) n_streams = std::min(n_streams, env_int("KVSTORE_DMA_CHAIN_STREAMS", kDmaStreams));
+  const int n_streams = int(std::max<int64_t>(1, std::min<int64_t>(kDmaStreams, total / kDmaStreamBytes)));
   if (!m.dma_start) KV_CUDA(cudaEventCreateWithFlags(&m.dma_start, cudaEventDisableTiming));
   while (int(m.dma_streams.size()) < n_streams) {
     cudaStream_t st;
@@ -660,8 +652,7 @@ void Plan::run_dma(bool gather, int32_t lb, int32_t le, bool chained) {
     ranges.emplace_back(begin, end);
     begin = end;
   }
-  const size_t forked = chained ? m.dma_forked : 0;  // EXPERIMENT
-  if (ranges.size() > forked) KV_CUDA(cudaEventRecord(m.dma_start, s));
+  KV_CUDA(cudaEventRecord(m.dma_start, s));
   // The driver spends ~0.4-0.5 us of host time per copy: the 16384 copies of 512 MiB in 32 KiB
   // units take 6-10 ms to enqueue, about what the copy engines need to move them (and they move
   // them at the pinned-memcpy ceiling once enqueued). So one thread per stream enqueues that
@@ -675,12 +666,11 @@ void Plan::run_dma(bool gather, int32_t lb, int32_t le, bool chained) {
     const std::vector<uint64_t> r((gather ? eng : obj).begin() + b, (gather ? eng : obj).begin() + e);
     const std::vector<int64_t> z(sizes.begin() + b, sizes.begin() + e);
     cudaStream_t st = m.dma_streams[size_t(i)];
-    if (size_t(i) >= forked) KV_CUDA(cudaStreamWaitEvent(st, m.dma_start, 0));
+    KV_CUDA(cudaStreamWaitEvent(st, m.dma_start, 0));
     memcpy_segments(d, r, z, reinterpret_cast<uintptr_t>(st), true);
     KV_CUDA(cudaEventRecord(m.dma_done[size_t(i)], st));
   });
   for (size_t i = 0; i < ranges.size(); ++i) KV_CUDA(cudaStreamWaitEvent(s, m.dma_done[i], 0));
-  m.dma_forked = std::max(forked, ranges.size());
 }
 
 Path move(const Layout& layout, const ChunkBatch& batch, Direction dir, uintptr_t stream, const Options& opt) {
@@ -715,8 +705,7 @@ void memcpy_segments(const std::vector<uint64_t>& dsts, const std::vector<uint64
   if (batched && sizes.size() > 1 && stream != 0) {
     cudaMemcpyAttributes attr{};
     attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
-    attr.flags = env_int("KVSTORE_DMA_FLAGS", 1) ? cudaMemcpyFlagPreferOverlapWithCompute : 0;  // EXPERIMENT
-    if (env_int("KVSTORE_DMA_ORDER_ANY", 0)) attr.srcAccessOrder = cudaMemcpySrcAccessOrderAny;
+    attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
     size_t idx = 0;
     std::vector<size_t> sz(sizes.begin(), sizes.end());
     for (size_t i = 0; i < sizes.size(); i += kDmaBatch) {

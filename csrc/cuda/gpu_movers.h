@@ -83,7 +83,7 @@ class Plan {
   int64_t bytes(int32_t layer_begin, int32_t layer_end) const;
 
  private:
-  void run_dma(bool gather, int32_t layer_begin, int32_t layer_end, bool chained);
+  void run_dma(bool gather, int32_t layer_begin, int32_t layer_end);
 
   struct Impl;
   std::unique_ptr<Impl> impl_;
