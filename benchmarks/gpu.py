@@ -634,10 +634,6 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, ceiling_g
         "inline_dma_bg": ("inline", (dma, {"background": True}), comp_lo, ""),
         "ahead_dma_bg": ("ahead", (dma, {"background": True}), comp_lo, ""),
         "pre0_dma_bg": ("layer0_prefetched", (dma, {"background": True}), comp_lo, ""),
-        # run P: DMA layers fenced on the copy streams (chained) or through the load stream (before)
-        "pre0_dma_unchained": ("layer0_prefetched", (dma, {"chain": False}), comp_lo, ""),
-        "along_dma_unchained": ("ahead_long", (dma, {"chain": False}), comp_lo, ""),
-        "pre0_dma_bg_unchained": ("layer0_prefetched", (dma, {"background": True, "chain": False}), comp_lo, ""),
         "pre0_default": ("layer0_prefetched", default, comp_lo, ""),
         "pre0_old": ("layer0_prefetched", old, comp_lo, ""),
         "preall_default": ("all_prefetched", default, comp_lo, ""),

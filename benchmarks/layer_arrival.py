@@ -27,8 +27,7 @@ L, H, D, BLOCK, CHUNK = 32, 8, 128, 16, 256
 
 # name: (path, LayerwiseLoad.start options, layers chained)
 VARIANTS = {
-    "dma": ("dma", {}, True),             # fenced layer by layer on the copy streams
-    "dma_unchained": ("dma", {}, False),  # fenced through the load stream (before run P)
+    "dma": ("dma", {}, True),             # kDMA ignores chaining: fenced layer by layer
     "dma_background": ("dma", {"background": True}, True),
     "staged": ("staged", {}, True),       # the default for scattered blocks
     "staged_unchained": ("staged", {}, False),  # as before run M: each layer's DMA after the previous scatter

@@ -268,9 +268,7 @@ struct Plan::Impl {
   bool has_skip = false;                // some block id is kSkipBlock: loads only
   // kDMA streams, created on first use
   std::vector<cudaStream_t> dma_streams;
-  std::vector<cudaEvent_t> dma_done[2];  // per stream; runs alternate between the two sets
-  int dma_set = 0;                       // the set of the next run
-  size_t dma_prev_streams = 0;           // streams of the previous run (0: none yet)
+  std::vector<cudaEvent_t> dma_done;
   cudaEvent_t dma_start = nullptr;
   int width = 1;
   bool objects_on_host = true;
@@ -379,8 +377,7 @@ Plan::~Plan() {
   if (m.ev_start) cudaEventDestroy(m.ev_start);
   if (m.ev_aux_done) cudaEventDestroy(m.ev_aux_done);
   if (m.aux) cudaStreamDestroy(m.aux);
-  for (auto& set : m.dma_done)
-    for (cudaEvent_t e : set) cudaEventDestroy(e);
+  for (cudaEvent_t e : m.dma_done) cudaEventDestroy(e);
   if (m.dma_start) cudaEventDestroy(m.dma_start);
   for (cudaStream_t st : m.dma_streams) cudaStreamDestroy(st);
   cudaGetLastError();
@@ -435,7 +432,7 @@ Path Plan::run(Direction dir, int32_t lb, int32_t le, const Options& opt) {
   KV_CUDA(cudaSetDevice(device_));
   cudaStream_t s = as_stream(stream_);
   if (path == Path::kDMA) {
-    run_dma(gather, lb, le, opt.chained);
+    run_dma(gather, lb, le);  // not chained: see Options::chained
     return path;
   }
   const int threads = opt.threads ? opt.threads : kDefaultThreads;
@@ -602,7 +599,7 @@ Path Plan::run(Direction dir, int32_t lb, int32_t le, const Options& opt) {
   return path;
 }
 
-void Plan::run_dma(bool gather, int32_t lb, int32_t le, bool chained) {
+void Plan::run_dma(bool gather, int32_t lb, int32_t le) {
   Impl& m = *impl_;
   const Layout& L = m.layout;
   const int64_t plane_bytes = m.bpc * m.unit_bytes;  // one plane of one layer in the object
@@ -634,13 +631,11 @@ void Plan::run_dma(bool gather, int32_t lb, int32_t le, bool chained) {
   if (!m.dma_start) KV_CUDA(cudaEventCreateWithFlags(&m.dma_start, cudaEventDisableTiming));
   while (int(m.dma_streams.size()) < n_streams) {
     cudaStream_t st;
+    cudaEvent_t ev;
     KV_CUDA(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
     m.dma_streams.push_back(st);
-    for (auto& set : m.dma_done) {
-      cudaEvent_t ev;
-      KV_CUDA(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
-      set.push_back(ev);
-    }
+    KV_CUDA(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+    m.dma_done.push_back(ev);
   }
   // Contiguous ranges of segments with about equal bytes per stream, each ordered after the
   // caller's stream and joined back into it.
@@ -657,14 +652,7 @@ void Plan::run_dma(bool gather, int32_t lb, int32_t le, bool chained) {
     ranges.emplace_back(begin, end);
     begin = end;
   }
-  // A chained run is fenced straight on the copy streams: each waits until every stream finished
-  // the previous run (the events of the other set), without a round trip through the plan's
-  // stream. Still a fence per run: the copies of layer l+1 must not queue behind layer l's event
-  // (see Options::chained).
-  const bool fence_on_copy_streams = chained && m.dma_prev_streams > 0;
-  const std::vector<cudaEvent_t>& prev_done = m.dma_done[m.dma_set ^ 1];
-  const std::vector<cudaEvent_t>& done_now = m.dma_done[m.dma_set];
-  if (!fence_on_copy_streams) KV_CUDA(cudaEventRecord(m.dma_start, s));
+  KV_CUDA(cudaEventRecord(m.dma_start, s));
   // The driver spends ~0.4-0.5 us of host time per copy: the 16384 copies of 512 MiB in 32 KiB
   // units take 6-10 ms to enqueue, about what the copy engines need to move them (and they move
   // them at the pinned-memcpy ceiling once enqueued). So one thread per stream enqueues that
@@ -678,17 +666,11 @@ void Plan::run_dma(bool gather, int32_t lb, int32_t le, bool chained) {
     const std::vector<uint64_t> r((gather ? eng : obj).begin() + b, (gather ? eng : obj).begin() + e);
     const std::vector<int64_t> z(sizes.begin() + b, sizes.begin() + e);
     cudaStream_t st = m.dma_streams[size_t(i)];
-    if (fence_on_copy_streams) {
-      for (size_t j = 0; j < m.dma_prev_streams; ++j) KV_CUDA(cudaStreamWaitEvent(st, prev_done[j], 0));
-    } else {
-      KV_CUDA(cudaStreamWaitEvent(st, m.dma_start, 0));
-    }
+    KV_CUDA(cudaStreamWaitEvent(st, m.dma_start, 0));
     memcpy_segments(d, r, z, reinterpret_cast<uintptr_t>(st), true);
-    KV_CUDA(cudaEventRecord(done_now[size_t(i)], st));
+    KV_CUDA(cudaEventRecord(m.dma_done[size_t(i)], st));
   });
-  for (size_t i = 0; i < ranges.size(); ++i) KV_CUDA(cudaStreamWaitEvent(s, done_now[i], 0));
-  m.dma_prev_streams = ranges.size();
-  m.dma_set ^= 1;
+  for (size_t i = 0; i < ranges.size(); ++i) KV_CUDA(cudaStreamWaitEvent(s, m.dma_done[i], 0));
 }
 
 Path move(const Layout& layout, const ChunkBatch& batch, Direction dir, uintptr_t stream, const Options& opt) {

@@ -42,11 +42,11 @@ struct Options {
   // Loads only: this run follows the plan's previous load on its stream with nothing new enqueued
   // there in between (the next layer of a layer-wise load). The staged path's DMA then goes on
   // round the ring instead of first waiting for the plan's stream to drain, so layer l+1 crosses
-  // PCIe while layer l waits for SMs (up to the ring's depth ahead). kDMA's copies stay fenced
-  // layer by layer (chained: the copy streams wait for each other directly, not through the plan's
-  // stream), because with batched copies queued behind it a layer's event often completed only
-  // with the last layer (runs M/N, benchmarks/layer_arrival.py: layer 0 of 32 arrived after
-  // 5.6-11 ms instead of 0.33 ms, though not every time).
+  // PCIe while layer l waits for SMs (up to the ring's depth ahead). kDMA ignores it: its copies
+  // stay fenced layer by layer through the plan's stream, because with batched copies queued
+  // behind it a layer's event often completed only with the last layer (runs M/N,
+  // benchmarks/layer_arrival.py: layer 0 of 32 arrived after 5.6-11 ms instead of 0.33 ms,
+  // though not every time); fencing on the copy streams directly gained nothing (run P).
   bool chained = false;
 };
 
@@ -84,7 +84,7 @@ class Plan {
   int64_t bytes(int32_t layer_begin, int32_t layer_end) const;
 
  private:
-  void run_dma(bool gather, int32_t layer_begin, int32_t layer_end, bool chained);
+  void run_dma(bool gather, int32_t layer_begin, int32_t layer_end);
 
   struct Impl;
   std::unique_ptr<Impl> impl_;
