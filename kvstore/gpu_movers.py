@@ -241,7 +241,7 @@ class LayerwiseLoad(_Layerwise):
     # layer l+1 waits only for its ring slot, not for layer l's scatter, so on H100 the 32 layers
     # of 512 MiB arrive in order every 0.31 ms instead of 0.33 ms (benchmarks/layer_arrival.py).
     # Benchmarks set it to False to measure the unchained order.
-    _chain = True
+    _chain = __import__("os").environ.get("KVS_EXP_CHAIN", "1") == "1"  # EXPERIMENT (run Q)
 
     @staticmethod
     def default_ctas(device: int) -> int:
