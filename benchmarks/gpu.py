@@ -556,16 +556,14 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, ceiling_g
     enqueue_s = {}
 
     def forward(mode, make, comp, size=""):
-        """make() -> handle or None, or (make, lookahead), or (make, dict of start() options plus
-        "chain": False for the layers unchained, as before run M). Returns event ms of the 32 layers."""
+        """make() -> handle or None, or (make, lookahead), or (make, dict of start() options).
+        Returns event ms of the 32 layers."""
         x, ws = mats[size]
         opts = {}
         if isinstance(make, tuple):
             make, opts = make
             opts = dict(opts) if isinstance(opts, dict) else {"lookahead": opts}
         h = make() if make is not None else None
-        if h is not None:
-            h._chain = opts.get("chain", True)
         look = opts.get("lookahead")
         bg = opts.get("background", False)
         with torch.cuda.stream(comp):
@@ -624,12 +622,9 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, ceiling_g
         "inline_dma": ("inline", dma, comp_lo, ""),
         "ahead_dma": ("ahead", dma, comp_lo, ""),
         "pre0_dma": ("layer0_prefetched", dma, comp_lo, ""),
-        # run M: the staged path's layers chained (default) or not (before); DMA enqueued by a helper thread
-        "inline_default_unchained": ("inline", (default, {"chain": False}), comp_lo, ""),
-        "ahead_default_unchained": ("ahead", (default, {"chain": False}), comp_lo, ""),
-        "pre0_default_unchained": ("layer0_prefetched", (default, {"chain": False}), comp_lo, ""),
+        # run M: the GPU side alone (host enqueue hidden), and DMA enqueued by a helper thread
         "along_default": ("ahead_long", default, comp_lo, ""),
-        "along_default_unchained": ("ahead_long", (default, {"chain": False}), comp_lo, ""),
+        "along_ctas16": ("ahead_long", ctas16, comp_lo, ""),
         "along_dma": ("ahead_long", dma, comp_lo, ""),
         "inline_dma_bg": ("inline", (dma, {"background": True}), comp_lo, ""),
         "ahead_dma_bg": ("ahead", (dma, {"background": True}), comp_lo, ""),

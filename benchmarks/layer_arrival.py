@@ -9,9 +9,10 @@ order arrives every ~1/32 of the transfer; one whose later layers hold back earl
 
     python -m benchmarks.layer_arrival [--tokens 4096] [--gate-ms 40] [--reps 3] [--out DIR]
 
-Found (results/gpu_H100-80GB-HBM3.md, run M): with the DMA path's layers not fenced (an
-experiment, since removed) layer 0 arrived with the last layer, so the DMA path stays fenced per
-layer; the staged path's layers chained arrive in order and sooner.
+Found (results/gpu_H100-80GB-HBM3.md, runs M-Q): the DMA path's copies must stay fenced layer
+by layer (unfenced, layer 0 often arrived with the last layer); the staged path's layers arrived
+sooner when its DMA ran ahead of the scatters (chained), yet inside vLLM that made reloads
+slower (e2e run 16), so neither is chained.
 """
 from __future__ import annotations
 
@@ -25,12 +26,11 @@ import numpy as np
 
 L, H, D, BLOCK, CHUNK = 32, 8, 128, 16, 256
 
-# name: (path, LayerwiseLoad.start options, layers chained)
+# name: (path, LayerwiseLoad.start options)
 VARIANTS = {
-    "dma": ("dma", {}, True),             # kDMA ignores chaining: fenced layer by layer
-    "dma_background": ("dma", {"background": True}, True),
-    "staged": ("staged", {}, True),       # the default for scattered blocks
-    "staged_unchained": ("staged", {}, False),  # as before run M: each layer's DMA after the previous scatter
+    "dma": ("dma", {}),
+    "dma_background": ("dma", {"background": True}),  # enqueued by a helper thread
+    "staged": ("staged", {}),  # the default for scattered blocks
 }
 
 
@@ -71,10 +71,9 @@ def run(args) -> dict:
     gate_cycles = int(2e9 * args.gate_ms * 1e-3)
 
     def once(name: str) -> dict:
-        path, opts, chain = VARIANTS[name]
+        path, opts = VARIANTS[name]
         torch.cuda.synchronize()
         h = gpu_movers.LayerwiseLoad(layout, ids, objs, bpc, path=paths[path], keepalive=arena)
-        h._chain = chain
         with torch.cuda.stream(comp):
             torch.cuda._sleep(gate_cycles)
             e0 = torch.cuda.Event(enable_timing=True)

@@ -106,16 +106,12 @@ void bind_gpu_movers(py::module_& m) {
              return int(p.plan->run(Direction::kGather, lb, le, o));
            }, py::arg("layer_begin"), py::arg("layer_end"), py::arg("path") = 0, py::arg("ctas") = 0,
            py::arg("threads") = 0, py::arg("piece_bytes") = 0, py::arg("ring") = 0)
-      .def("scatter", [](PyPlan& p, int32_t lb, int32_t le, int path, int ctas, int threads, int64_t piece, int ring,
-                         bool chained) {
+      .def("scatter", [](PyPlan& p, int32_t lb, int32_t le, int path, int ctas, int threads, int64_t piece, int ring) {
              gpu::Options o = make_options(path, ctas, threads, piece, ring);
-             o.chained = chained;
              py::gil_scoped_release nogil;
              return int(p.plan->run(Direction::kScatter, lb, le, o));
            }, py::arg("layer_begin"), py::arg("layer_end"), py::arg("path") = 0, py::arg("ctas") = 0,
-           py::arg("threads") = 0, py::arg("piece_bytes") = 0, py::arg("ring") = 0, py::arg("chained") = false,
-           "chained=True: the previous scatter of this plan and this one have nothing new between them on the "
-           "plan's stream (the next layer of a layer-wise load): it may start before that one has finished.")
+           py::arg("threads") = 0, py::arg("piece_bytes") = 0, py::arg("ring") = 0)
       .def("choose", [](PyPlan& p, bool gather, int32_t lb, int32_t le) {
              return int(p.plan->choose(gather ? Direction::kGather : Direction::kScatter, lb, le));
            }, py::arg("gather"), py::arg("layer_begin"), py::arg("layer_end"))

@@ -237,11 +237,6 @@ class LayerwiseLoad(_Layerwise):
     high-priority stream so that it is dispatched first in that gap. Overhead of a 32-layer
     forward with compute ~1.1x the transfer: 32-35 % -> 6.5-8.7 % (layer 0 exposed; floor 2.8 %)."""
     default_priority = -5  # the highest; CUDA clamps it to the device's range
-    # Layers after the first are enqueued chained (C++ Options::chained): the staged path's DMA of
-    # layer l+1 waits only for its ring slot, not for layer l's scatter, so on H100 the 32 layers
-    # of 512 MiB arrive in order every 0.31 ms instead of 0.33 ms (benchmarks/layer_arrival.py).
-    # Benchmarks set it to False to measure the unchained order.
-    _chain = __import__("os").environ.get("KVS_EXP_CHAIN", "1") == "1"  # EXPERIMENT (run Q)
 
     @staticmethod
     def default_ctas(device: int) -> int:
@@ -288,9 +283,7 @@ class LayerwiseLoad(_Layerwise):
         try:
             while self._next < stop:
                 layer = self._next
-                # chained: nothing but event records sits between two layers on the load stream
-                self._plan.scatter(layer, layer + 1, path=self.path, ctas=self.ctas, piece_bytes=self.piece_bytes,
-                                   chained=self._chain and layer > self.layers[0])
+                self._plan.scatter(layer, layer + 1, path=self.path, ctas=self.ctas, piece_bytes=self.piece_bytes)
                 C.cuda_event_record(self._event(layer), self.stream)
                 if layer == self.layers[0]:
                     trace.mark("load.first_layer_enqueued")

@@ -278,12 +278,11 @@ def test_layerwise_load_orders_compute():
 
 
 @pytest.mark.parametrize("piece_bytes", [0, 5000])
-def test_chained_layers_start_after_the_start_point_and_reuse_the_ring(piece_bytes):
-    """Layers after the first are chained (their DMA does not wait for the previous layer to land):
-    they must still start after the work the load was ordered after. The current stream sleeps,
-    then overwrites every layer with poison; a layer moved before that would be poisoned. Small
-    pieces (5000 bytes) make each layer several staged pieces, so the ring wraps within and across
-    layers."""
+def test_layerwise_load_starts_after_its_start_point(piece_bytes):
+    """Every layer, on every path, moves only after the work the load was ordered after
+    (after_stream): the current stream sleeps, then overwrites every layer with poison; a layer
+    moved before that would end poisoned. Small pieces (5000 bytes) make each layer several staged
+    pieces, so the staging ring wraps within and across layers."""
     gen = torch.Generator().manual_seed(17)
     rng = np.random.default_rng(17)
     L = 9

@@ -278,10 +278,6 @@ struct Plan::Impl {
   cudaEvent_t ev_start = nullptr, ev_aux_done = nullptr;
   uint8_t* staging = nullptr;
   int64_t staging_bytes = 0;
-  int64_t ring_slot_bytes = 0;  // how the last run cut the ring
-  int ring_slots = 0;
-  int64_t next_piece = 0;  // ring slot of the next piece: chained runs go on round the ring
-  bool aux_forked = false;
 };
 
 Plan::Plan(const Layout& layout, const int64_t* block_ids, const uint64_t* object_ptrs, int64_t num_chunks,
@@ -427,12 +423,11 @@ Path Plan::run(Direction dir, int32_t lb, int32_t le, const Options& opt) {
   // A skipped block has no bytes to save: the staged path would fill its place in the object with
   // whatever the ring held, so a save with skip blocks is refused rather than half-defined.
   KV_CHECK_ARG(!(gather && m.has_skip), "block id -1 (skip) is only valid for loads, not saves");
-  KV_CHECK_ARG(!(gather && opt.chained), "only loads can be chained (a save waits for the compute stream)");
   if (num_chunks_ == 0) return path;
   KV_CUDA(cudaSetDevice(device_));
   cudaStream_t s = as_stream(stream_);
   if (path == Path::kDMA) {
-    run_dma(gather, lb, le);  // not chained: see Options::chained
+    run_dma(gather, lb, le);
     return path;
   }
   const int threads = opt.threads ? opt.threads : kDefaultThreads;
@@ -507,25 +502,16 @@ Path Plan::run(Direction dir, int32_t lb, int32_t le, const Options& opt) {
     m.ev_ready.push_back(a);
     m.ev_free.push_back(b);
   }
-  // A chained run reuses the ring as the last run cut it; anything else first drains it (fork).
-  bool fork = !(opt.chained && m.aux_forked && m.ring_slot_bytes == slot_bytes && m.ring_slots == ring);
-  m.ring_slot_bytes = slot_bytes;
-  m.ring_slots = ring;
   if (m.staging_bytes < slot_bytes * ring) {
     if (m.staging) KV_CUDA(cudaFreeAsync(m.staging, s));  // earlier runs were joined into s
     m.staging = nullptr;
     KV_CUDA(cudaMallocFromPoolAsync(reinterpret_cast<void**>(&m.staging), size_t(slot_bytes * ring),
                                     device_pool(device_), s));
     m.staging_bytes = slot_bytes * ring;
-    fork = true;  // the new ring is usable on the aux stream only after its allocation on s
   }
-  // The aux stream starts after everything enqueued so far on the caller's stream; a chained run's
-  // DMA only waits for its ring slot to be free (ev_free), so it runs ahead of the scatter kernels.
-  if (fork) {
-    KV_CUDA(cudaEventRecord(m.ev_start, s));
-    KV_CUDA(cudaStreamWaitEvent(m.aux, m.ev_start, 0));
-    m.aux_forked = true;
-  }
+  // The aux stream starts after everything enqueued so far on the caller's stream.
+  KV_CUDA(cudaEventRecord(m.ev_start, s));
+  KV_CUDA(cudaStreamWaitEvent(m.aux, m.ev_start, 0));
   const int ctas = opt.ctas ? opt.ctas : kStagedCtas;
   std::vector<uint64_t> dsts, srcs;
   std::vector<int64_t> sizes;
@@ -558,7 +544,7 @@ Path Plan::run(Direction dir, int32_t lb, int32_t le, const Options& opt) {
     if (path == Path::kStagedCE) ce_copy(c0, n, a, b, sp);
     else kernel(c0, n, a, b, sp, ctas);
   };
-  int64_t& piece = m.next_piece;
+  int64_t piece = 0;
   for (int64_t c0 = 0; c0 < num_chunks_; c0 += cpp) {
     const int64_t n = std::min(cpp, num_chunks_ - c0);
     for (int32_t a = lb; a < le; a += int32_t(lpp)) {

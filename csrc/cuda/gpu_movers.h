@@ -39,15 +39,6 @@ struct Options {
   int threads = 0;          // threads per CTA; 0 = default (512)
   int64_t piece_bytes = 0;  // staged path: bytes per DMA piece; 0 = default
   int ring = 0;             // staged path: pieces in flight; 0 = default
-  // Loads only: this run follows the plan's previous load on its stream with nothing new enqueued
-  // there in between (the next layer of a layer-wise load). The staged path's DMA then goes on
-  // round the ring instead of first waiting for the plan's stream to drain, so layer l+1 crosses
-  // PCIe while layer l waits for SMs (up to the ring's depth ahead). kDMA ignores it: its copies
-  // stay fenced layer by layer through the plan's stream, because with batched copies queued
-  // behind it a layer's event often completed only with the last layer (runs M/N,
-  // benchmarks/layer_arrival.py: layer 0 of 32 arrived after 5.6-11 ms instead of 0.33 ms,
-  // though not every time); fencing on the copy streams directly gained nothing (run P).
-  bool chained = false;
 };
 
 struct DeviceInfo {
