@@ -227,6 +227,18 @@ class _Layerwise:
         self.close()
 
 
+def check_start_options(background: bool, lookahead: int | None, callers_events: bool) -> None:
+    """The combinations LayerwiseLoad.start refuses, before it enqueues anything."""
+    if lookahead is not None and (background or lookahead < 1):
+        raise InvalidArgumentError("lookahead must be >= 1 and cannot be combined with background")
+    if background and callers_events:
+        # A CUDA graph waiting on the caller's events binds, at each launch, to their latest
+        # record: a helper thread may record them after the graph launched, and the graph then
+        # waits on the previous step's records (vLLM e2e run 18: stale KV, 0 of 6 reloads exact).
+        raise InvalidArgumentError("background=True cannot be combined with the caller's events: every layer's "
+                                   "event must be recorded before anything waiting on it launches")
+
+
 class LayerwiseLoad(_Layerwise):
     """Objects -> engine blocks, layer by layer on the load stream (DESIGN.md §3).
 
@@ -248,15 +260,15 @@ class LayerwiseLoad(_Layerwise):
         `after_stream`, the loads start only after the work already issued to that stream.
         background=True enqueues from a helper thread (the native calls drop the GIL), so the
         caller goes on enqueueing its forward at once; wait_layer(l) then blocks the host only
-        until layer l has been *enqueued* (microseconds), never until it has arrived.
+        until layer l has been *enqueued* (microseconds), never until it has arrived. Not with the
+        caller's `events` (a CUDA graph waiting on them must find them recorded when it launches).
         lookahead=k (not with background): start() enqueues only the first k layers and
         wait_layer(l) enqueues up to layer l+k, so the host's enqueue cost (~25 us a layer) is
         spread over the forward instead of delaying its first kernel; wait() enqueues the rest.
         after_events: CUDA events the loads also wait for (on the device)."""
         if self._issued or getattr(self, "_thread", None) is not None:
             raise InvalidArgumentError("LayerwiseLoad.start called twice")
-        if lookahead is not None and (background or lookahead < 1):
-            raise InvalidArgumentError("lookahead must be >= 1 and cannot be combined with background")
+        check_start_options(background, lookahead, callers_events=not self._own_events)
         lb, le = self.layers
         self._enqueued = {layer: threading.Event() for layer in range(lb, le)}
         self._error: BaseException | None = None

@@ -190,14 +190,11 @@ class LoadSession:
             part.start(after_stream=0, after_events=[*after_events, prefetch.copied_event])
             C.cuda_event_record(prefetch.read_event, part.stream)  # the buffer may be reused after this
         if split < layout.num_layers:
-            import os  # EXPERIMENT (run S)
-            exp = os.environ.get("KVS_EXP_DMA_BG") == "1"
             part = LayerwiseLoad(layout, chunk_ids, ptrs, bpc, layers=(split, layout.num_layers),
-                                 keepalive=self._slots, events=events[split:] if events else None,
-                                 **({"path": 4} if exp else {}))
+                                 keepalive=self._slots, events=events[split:] if events else None)
             self._parts.append(part)
             trace.mark("load.plan_ready")
-            part.start(after_stream=0, after_events=after_events, background=exp)
+            part.start(after_stream=0, after_events=after_events)
         trace.mark("load.all_layers_enqueued")
 
     @property

@@ -357,6 +357,25 @@ def test_layer_waits_inside_a_captured_cuda_graph():
             C.cuda_event_destroy(e)
 
 
+def test_background_enqueue_refuses_caller_events():
+    """The caller's events may be waited on by a captured CUDA graph, which binds to their record
+    at launch: a background thread recording them later would let the graph run on stale blocks."""
+    gen = torch.Generator().manual_seed(19)
+    cache = cache_factories(2, 8, 16, 2, 64, torch.bfloat16)["flash_attn"](gen)
+    objs = Objects(1, cache.layout_gpu.chunk_nbytes(16))
+    events = [C.cuda_event_create(0, False) for _ in range(2)]
+    try:
+        h = gpu_movers.LayerwiseLoad(cache.layout_gpu, [3], objs.ptrs, 1, keepalive=objs, events=events)
+        with pytest.raises(InvalidArgumentError, match="caller's events"):
+            h.start(after_stream=0, background=True)
+        h.start(after_stream=0)  # nothing was enqueued by the refused call
+        h.wait(timeout_s=30)
+        h.close()
+    finally:
+        for e in events:
+            C.cuda_event_destroy(e)
+
+
 def test_layerwise_save_after_compute():
     gen = torch.Generator().manual_seed(12)
     rng = np.random.default_rng(12)
