@@ -247,7 +247,10 @@ class LayerwiseLoad(_Layerwise):
     holds them all), i.e. it sits on the critical path once per layer; so it runs as one short
     burst on every SM (ctas = SM count: ~13 us for 16 MiB instead of ~80 us with 8 CTAs), on a
     high-priority stream so that it is dispatched first in that gap. Overhead of a 32-layer
-    forward with compute ~1.1x the transfer: 32-35 % -> 6.5-8.7 % (layer 0 exposed; floor 2.8 %)."""
+    forward with compute ~1.1x the transfer: 32-35 % -> 6.5-8.7 % (layer 0 exposed; floor 2.8 %).
+    With no SMs at all: path=PATH_DMA and start(background=True) measured lower on scattered
+    blocks when the forward has compute to hide the load (layer 0 prefetched: 1.4-2.6 % against
+    2.7-5.0 %, runs L-R), but only with the handle's own events (see start)."""
     default_priority = -5  # the highest; CUDA clamps it to the device's range
 
     @staticmethod
