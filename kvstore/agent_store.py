@@ -87,7 +87,7 @@ class AgentStore:
             return 0, False
         start = time.perf_counter()
         op = P.Op.LOOKUP_WRITING if writing else P.Op.LOOKUP
-        n = 0
+        n, stops_at_writing = 0, False
         try:
             while n < len(keys):
                 part = keys[n:n + P.MAX_KEYS]
@@ -105,14 +105,14 @@ class AgentStore:
                 stops = np.flatnonzero((states == 0) | (states == 4))
                 if len(stops):
                     n += int(stops[0])
-                    metrics.LOOKUP_SECONDS.observe(time.perf_counter() - start)
-                    return n, bool(states[stops[0]] == 4)
+                    stops_at_writing = bool(states[stops[0]] == 4)
+                    break
                 n += len(part)
         except P.AgentUnavailableError as e:
             self._degraded("lookup", e)
             return 0, False
         metrics.LOOKUP_SECONDS.observe(time.perf_counter() - start)
-        return n, False
+        return n, stops_at_writing
 
     # ---- save --------------------------------------------------------------------------------
     def save(self, keys: Sequence[bytes], layout: KVLayout, block_ids) -> Handle[SaveResult]:
