@@ -36,6 +36,11 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     return text
 
 
+def gpu_label(device_name: str) -> str:
+    """A GPU's name as results files carry it: "NVIDIA H100 80GB HBM3" -> "H100-80GB-HBM3"."""
+    return device_name.replace("NVIDIA ", "").replace(" ", "-")
+
+
 def write_json(out_dir: Path, name: str, payload: dict) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .common import gpu_label
+
 SHAPES = {
     # name: (layers, kv heads, head dim, mla)
     "llama3.1-8b": (32, 8, 128, False),
@@ -98,7 +100,7 @@ def run(args) -> dict:
     dev = args.device
     torch.cuda.set_device(dev)
     info = C.cuda_device_info(dev)
-    gpu_name = info["name"].replace("NVIDIA ", "").replace(" ", "-")
+    gpu_name = gpu_label(info["name"])
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     shapes = [s for s in args.shapes.split(",") if s]

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import mmap
 import time
 from pathlib import Path
 
 import numpy as np
+
+from .common import write_json
 
 L, H, D, BLOCK, CHUNK = 32, 8, 128, 16, 256
 HUGE = 2 << 20
@@ -133,8 +134,7 @@ def run(args) -> dict:
                   flush=True)
     out = {"gpu": C.cuda_device_info(0)["name"], "tokens": tokens, "bytes": total, "rows": rows}
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        Path(args.out, "host_pages.json").write_text(json.dumps(out, indent=1))
+        write_json(Path(args.out), "host_pages", out)
     return out
 
 

@@ -17,12 +17,13 @@ slower (e2e run 16), so neither is chained.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
+
+from .common import gpu_label, write_json
 
 L, H, D, BLOCK, CHUNK = 32, 8, 128, 16, 256
 
@@ -127,10 +128,7 @@ def main() -> None:
     args = p.parse_args()
     out = run(args)
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        path = Path(args.out) / f"layer_arrival_{out['gpu'].replace('NVIDIA ', '').replace(' ', '-')}.json"
-        path.write_text(json.dumps(out, indent=1))
-        print("wrote", path)
+        print("wrote", write_json(Path(args.out), f"layer_arrival_{gpu_label(out['gpu'])}", out))
 
 
 if __name__ == "__main__":
