@@ -5,6 +5,7 @@ before each run, data random. Plus the layer-wise handles and input validation.
 Run on a GPU machine: pytest -m gpu tests/test_gpu_movers.py"""
 from __future__ import annotations
 
+import time
 import zlib
 
 import numpy as np
@@ -247,24 +248,36 @@ def test_python_api_sync_and_stream():
     assert cache.equal()
 
 
+class LoadCase:
+    """A FlashAttention cache with random contents, `n` objects of `bpc` random blocks each, and
+    their CPU reference: refill() draws new object bytes, poisons the GPU cache and applies the
+    objects to the CPU copy (what a load must leave on the GPU)."""
+
+    def __init__(self, seed: int, layers: int, blocks: int, heads: int, head_dim: int, bpc: int, n: int):
+        self.gen, self.rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
+        self.L, self.bpc = layers, bpc
+        self.cache = cache_factories(layers, blocks, 16, heads, head_dim, torch.bfloat16)["flash_attn"](self.gen)
+        self.lay = self.cache.layout_gpu
+        self.ids = pick_ids(self.rng, self.lay.num_blocks, n, bpc)
+        self.objs = Objects(n, self.lay.chunk_nbytes(bpc * 16))
+
+    def refill(self) -> None:
+        self.objs.fill(self.rng)
+        self.cache.poison(self.gen)
+        C.scatter(self.cache.layout_cpu.native, self.ids, self.objs.ref_ptrs, self.bpc, 0, self.L)
+
+
 def test_layerwise_load_orders_compute():
-    gen = torch.Generator().manual_seed(11)
-    rng = np.random.default_rng(11)
-    L = 8
-    cache = cache_factories(L, 64, 16, 4, 128, torch.bfloat16)["flash_attn"](gen)
-    lay = cache.layout_gpu
-    bpc, n = 4, 6
-    ids = pick_ids(rng, lay.num_blocks, n, bpc)
-    objs = Objects(n, lay.chunk_nbytes(bpc * 16))
+    case = LoadCase(11, layers=8, blocks=64, heads=4, head_dim=128, bpc=4, n=6)
+    cache, lay, ids, objs, bpc, L = case.cache, case.lay, case.ids, case.objs, case.bpc, case.L
     for path in PATHS:
-        objs.fill(rng)
-        cache.poison(gen)
-        C.scatter(cache.layout_cpu.native, ids, objs.ref_ptrs, bpc, 0, L)
+        case.refill()
         compute = torch.cuda.Stream()
         snaps = []
         h = gpu_movers.LayerwiseLoad(lay, ids, objs.ptrs, bpc, path=path, keepalive=objs)
         assert h.path_name == gpu_movers.PATH_NAMES[path]  # FlashAttention units are contiguous: no fallback
-        h.start(after_stream=torch.cuda.current_stream(), background=(path == gpu_movers.PATH_STAGED),
+        background = path in (gpu_movers.PATH_STAGED, gpu_movers.PATH_DMA)
+        h.start(after_stream=torch.cuda.current_stream(), background=background,
                 lookahead=(2 if path == gpu_movers.PATH_STAGED_CE else None))
         with torch.cuda.stream(compute):
             for layer in range(L):
@@ -277,31 +290,24 @@ def test_layerwise_load_orders_compute():
             assert torch.equal(snaps[layer].cpu().view(torch.uint8), cache.cpu[layer].view(torch.uint8)), layer
 
 
+@pytest.mark.parametrize("background", [False, True])
 @pytest.mark.parametrize("piece_bytes", [0, 5000])
-def test_layerwise_load_starts_after_its_start_point(piece_bytes):
+def test_layerwise_load_starts_after_its_start_point(piece_bytes, background):
     """Every layer, on every path, moves only after the work the load was ordered after
     (after_stream): the current stream sleeps, then overwrites every layer with poison; a layer
     moved before that would end poisoned. Small pieces (5000 bytes) make each layer several staged
     pieces, so the staging ring wraps within and across layers."""
-    gen = torch.Generator().manual_seed(17)
-    rng = np.random.default_rng(17)
-    L = 9
-    cache = cache_factories(L, 80, 16, 2, 40, torch.bfloat16)["flash_attn"](gen)
-    lay = cache.layout_gpu
-    bpc, n = 3, 7
-    ids = pick_ids(rng, lay.num_blocks, n, bpc)
-    objs = Objects(n, lay.chunk_nbytes(bpc * 16))
+    case = LoadCase(17, layers=9, blocks=80, heads=2, head_dim=40, bpc=3, n=7)
+    cache, lay, ids, objs, bpc = case.cache, case.lay, case.ids, case.objs, case.bpc
     for path in PATHS:
-        objs.fill(rng)
-        cache.poison(gen)
-        C.scatter(cache.layout_cpu.native, ids, objs.ref_ptrs, bpc, 0, L)
-        poison = [rand_bytes(gen, t.shape, t.dtype).cuda() for t in cache.gpu]
+        case.refill()
+        poison = [rand_bytes(case.gen, t.shape, t.dtype).cuda() for t in cache.gpu]
         torch.cuda.synchronize()
         torch.cuda._sleep(20_000_000)  # ~10 ms
         for t, p in zip(cache.gpu, poison):
             t.copy_(p)
         h = gpu_movers.LayerwiseLoad(lay, ids, objs.ptrs, bpc, path=path, keepalive=objs, piece_bytes=piece_bytes)
-        h.start(after_stream=torch.cuda.current_stream())
+        h.start(after_stream=torch.cuda.current_stream(), background=background)
         h.wait(timeout_s=30)
         h.close()
         # blocks outside the batch keep the poison; the batch's blocks hold the objects' bytes
@@ -311,19 +317,16 @@ def test_layerwise_load_starts_after_its_start_point(piece_bytes):
         assert cache.equal(), gpu_movers.PATH_NAMES[path]
 
 
-def test_layer_waits_inside_a_captured_cuda_graph():
+@pytest.mark.parametrize("background", [False, True])
+def test_layer_waits_inside_a_captured_cuda_graph(background):
     """Per-layer events owned by the caller and reused by every load: a CUDA graph captured once
     (the waits become external-event nodes) waits, at each replay, for the load enqueued before
     that replay. The load is held back behind a GPU sleep and the graph replays on another stream,
-    so without the waits the graph would copy poisoned blocks."""
-    gen = torch.Generator().manual_seed(13)
-    rng = np.random.default_rng(13)
-    L = 6
-    cache = cache_factories(L, 64, 16, 4, 128, torch.bfloat16)["flash_attn"](gen)
-    lay = cache.layout_gpu
-    bpc, n = 4, 5
-    ids = pick_ids(rng, lay.num_blocks, n, bpc)
-    objs = Objects(n, lay.chunk_nbytes(bpc * 16))
+    so without the waits the graph would copy poisoned blocks. background=True: the copies are
+    enqueued by a helper thread after the replay launched (it sleeps first), and the gates keep
+    the events' records where the graph binds to them."""
+    case = LoadCase(13, layers=6, blocks=64, heads=4, head_dim=128, bpc=4, n=5)
+    cache, lay, ids, objs, bpc, L = case.cache, case.lay, case.ids, case.objs, case.bpc, case.L
     events = [C.cuda_event_create(0, False) for _ in range(L)]
     snaps = [torch.empty_like(t) for t in cache.gpu]
     graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
@@ -335,12 +338,12 @@ def test_layer_waits_inside_a_captured_cuda_graph():
             snaps[layer].copy_(cache.gpu[layer])
     try:
         for trial, path in enumerate([gpu_movers.PATH_AUTO, gpu_movers.PATH_DMA, gpu_movers.PATH_STAGED]):
-            objs.fill(rng)
-            cache.poison(gen)
-            C.scatter(cache.layout_cpu.native, ids, objs.ref_ptrs, bpc, 0, L)
+            case.refill()
             torch.cuda._sleep(50_000_000)  # ~25 ms: the load starts only after this
             h = gpu_movers.LayerwiseLoad(lay, ids, objs.ptrs, bpc, path=path, keepalive=objs, events=events)
-            h.start(after_stream=torch.cuda.current_stream())
+            if background:
+                h._plan = _PlanWrapper(h._plan, pause_s=0.005)
+            h.start(after_stream=torch.cuda.current_stream(), background=background)
             with torch.cuda.stream(side):
                 graph.replay()
             side.synchronize()
@@ -357,23 +360,48 @@ def test_layer_waits_inside_a_captured_cuda_graph():
             C.cuda_event_destroy(e)
 
 
-def test_background_enqueue_refuses_caller_events():
-    """The caller's events may be waited on by a captured CUDA graph, which binds to their record
-    at launch: a background thread recording them later would let the graph run on stale blocks."""
+class _PlanWrapper:
+    """A GpuPlan whose scatter pauses first (the helper thread's copies then come after the
+    caller's launches) or fails at one layer; everything else goes to the plan."""
+
+    def __init__(self, plan, pause_s=0.0, fail_at=None):
+        self._wrapped, self.pause_s, self.fail_at, self.calls = plan, pause_s, fail_at, []
+
+    def scatter(self, lb, le, **kw):
+        self.calls.append(lb)
+        time.sleep(self.pause_s)
+        if lb == self.fail_at:
+            raise InvalidArgumentError("injected failure")
+        return self._wrapped.scatter(lb, le, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._wrapped, name)
+
+
+def test_background_load_that_fails_opens_its_gates():
+    """A helper thread that fails mid-load still opens every gate (nothing on the device waits
+    forever), and the error reaches wait()."""
     gen = torch.Generator().manual_seed(19)
-    cache = cache_factories(2, 8, 16, 2, 64, torch.bfloat16)["flash_attn"](gen)
+    cache = cache_factories(4, 8, 16, 2, 64, torch.bfloat16)["flash_attn"](gen)
     objs = Objects(1, cache.layout_gpu.chunk_nbytes(16))
-    events = [C.cuda_event_create(0, False) for _ in range(2)]
-    try:
-        h = gpu_movers.LayerwiseLoad(cache.layout_gpu, [3], objs.ptrs, 1, keepalive=objs, events=events)
-        with pytest.raises(InvalidArgumentError, match="caller's events"):
-            h.start(after_stream=0, background=True)
-        h.start(after_stream=0)  # nothing was enqueued by the refused call
+    h = gpu_movers.LayerwiseLoad(cache.layout_gpu, [3], objs.ptrs, 1, keepalive=objs)
+    h._plan = plan = _PlanWrapper(h._plan, fail_at=2)
+    h.start(after_stream=0, background=True)
+    h._thread.join(30)
+    compute = torch.cuda.Stream()
+    C.cuda_stream_wait_event(compute.cuda_stream, h._event(3))  # layer 3 was never moved
+    passed = torch.cuda.Event()
+    passed.record(compute)
+    deadline = time.monotonic() + 30
+    while not passed.query():  # the gate opened anyway: the stream goes on
+        assert time.monotonic() < deadline, "a stream waiting on a failed background load never went on"
+        time.sleep(0.001)
+    with pytest.raises(InvalidArgumentError, match="injected failure"):
+        h.wait_layer(3, compute)
+    with pytest.raises(InvalidArgumentError, match="injected failure"):
         h.wait(timeout_s=30)
-        h.close()
-    finally:
-        for e in events:
-            C.cuda_event_destroy(e)
+    h.close()
+    assert plan.calls == [0, 1, 2]
 
 
 def test_layerwise_save_after_compute():
