@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -56,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "blocks consecutive at a random place (a fresh engine hands out runs like these)")
     p.add_argument("--rounds", type=int, default=7,
                    help="interleaved rounds of the matmul-interference variants (layer-wise: 2*rounds+1)")
+    p.add_argument("--variants", default="",
+                   help="comma list: run only these interference / layer-wise variants (with their baselines), "
+                        "so that more rounds fit in the same time")
 
 
 def _gbs(nbytes: int, ms: float) -> float:
@@ -266,10 +270,11 @@ def run(args) -> dict:
         if not args.quick and shape == shapes[0] and tokens == token_list[0]:
             if args.part in ("all", "interference"):
                 case.update(_interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr,
-                                          rounds=args.rounds))
+                                          rounds=args.rounds, only=_names(args.variants)))
             if args.part in ("all", "layerwise"):
                 case.update(_layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total,
-                                       ceiling_gbs=case["ceiling_h2d"], rounds=2 * args.rounds + 1))
+                                       ceiling_gbs=case["ceiling_h2d"], rounds=2 * args.rounds + 1,
+                                       only=_names(args.variants)))
         results["cases"].append(case)
         bar.update(1)
         bar.set_postfix(shape=shape, tokens=tokens, save=f"{case['ratio_save']:.2f}", load=f"{case['ratio_load']:.2f}")
@@ -298,6 +303,38 @@ def _quantile(values, q: float) -> float:
     return v[lo] + (v[hi] - v[lo]) * (i - lo)
 
 
+def _names(csv: str) -> set[str] | None:
+    return {n for n in csv.split(",") if n} or None
+
+
+def _selected(variants: dict, only: set[str] | None, baselines: set[str]) -> dict:
+    """variants restricted to `only` plus the baselines they are compared with (all when None)."""
+    if only is None:
+        return variants
+    unknown = only - set(variants)
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}; known: {', '.join(variants)}")
+    return {k: v for k, v in variants.items() if k in only or k in baselines}
+
+
+def _paired(values: list[float], base: list[float]) -> dict:
+    """Per-round relative differences (value / the same round's baseline - 1): rounds are
+    minutes apart at most, so pairing removes the slow clock drift that the two medians keep.
+    Median with a distribution-free 95 % interval (order statistics of Binomial(n, 1/2))."""
+    d = sorted(v / b - 1 for v, b in zip(values, base))
+    n = len(d)
+    k = 0  # the largest k with P(Bin(n, 1/2) < k) <= 2.5 %: [d_(k), d_(n+1-k)] (1-based) covers >= 95 %
+    while _binom_cdf(k + 1, n) <= 0.025:
+        k += 1
+    ci = (d[k - 1], d[n - k]) if k else (d[0], d[-1])  # k = 0 (n < 6): the range, under 95 %
+    return {"median": statistics.median(d), "ci95": ci, "n": n}
+
+
+def _binom_cdf(k: int, n: int) -> float:
+    """P(X < k) for X ~ Binomial(n, 1/2)."""
+    return sum(math.comb(n, i) for i in range(k)) / 2 ** n
+
+
 def _round_order(names: list[str], r: int) -> list[str]:
     """Round r's order of the variants: shuffled (seeded), so that no variant always follows the
     same one. A rotation did that, and in run M two variants running the same code differed by 3 %
@@ -307,7 +344,8 @@ def _round_order(names: list[str], r: int) -> list[str]:
     return order
 
 
-def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, rounds: int = 7) -> dict:
+def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, rounds: int = 7,
+                  only: set[str] | None = None) -> dict:
     """bf16 8192^3 matmul TFLOP/s alone vs with saves / loads running on other streams.
 
     Every variant is measured once per round, the rounds interleave all variants (order shuffled
@@ -427,6 +465,8 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
         "alone_comp_hi": ([], dict(comp=comp_hi)),
         "save_comp_hi": (["save"], dict(comp=comp_hi)),
     }
+    variants = _selected(variants, only, {"alone", "alone_again"} | (
+        {"alone_comp_hi"} if only and any(k.endswith("comp_hi") for k in only) else set()))
     names = list(variants)
     got = {k: [] for k in names}
     xfer_during = {k: {} for k in names}
@@ -460,6 +500,9 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
         # spread: per-round losses against the same round's alone
         per = [1 - w / al for w, al in zip(got[k], got["alone_comp_hi" if k.endswith("comp_hi") else "alone"])]
         out[f"matmul_loss_range_{k}"] = (min(per), max(per))
+        paired = _paired(got[k], got["alone_comp_hi" if k.endswith("comp_hi") else "alone"])  # with/alone - 1
+        out[f"matmul_loss_paired_{k}"] = {"median": -paired["median"], "ci95": (-paired["ci95"][1], -paired["ci95"][0]),
+                                          "n": paired["n"]}
     # for contrast (once each): the zero-copy kernel, busy for the whole transfer
     out["matmul_tflops_with_save_direct16"] = measure(["save"], path=1, ctas=16)[0]
     out["matmul_transfer_gbs_alone"] = {k: total / (v * 1e-3) / 1e9 for k, v in out["matmul_transfer_ms_alone"].items()}
@@ -501,7 +544,7 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
 
 
 def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, ceiling_gbs: float = 50.0,
-               rounds: int = 15) -> dict:
+               rounds: int = 15, only: set[str] | None = None) -> dict:
     """32-layer synthetic forward, one matmul per layer ~ the per-layer transfer time, with
     LayerwiseLoad vs compute only. overhead = (median with loads - median compute only) /
     median compute only, all timed with CUDA events on the compute stream, every variant once per
@@ -528,19 +571,27 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, ceiling_g
     comp = comp_lo
     def calibrate(target_ms, elementwise):
         """Smallest n (multiple of 128, growing) whose matmul (+ the elementwise op) >= target_ms."""
+        warm = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        t = time.perf_counter()
+        while time.perf_counter() - t < 0.5:  # clocks up first: on a cold GPU every matmul looked slow
+            with torch.cuda.stream(comp):  # (run T: n=3072 calibrated, 0.09 ms a layer once warm)
+                for _ in range(20):
+                    warm @ warm
+            comp.synchronize()
+        del warm
         n = 2048
         while True:
             a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
             with torch.cuda.stream(comp):
                 for _ in range(3):
                     (a @ a) * 0.01 if elementwise else a @ a
-                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                e0.record(comp)
-                for _ in range(10):
-                    (a @ a) * 0.01 if elementwise else a @ a
-                e1.record(comp)
-            e1.synchronize()
-            ms = e0.elapsed_time(e1) / 10
+                marks = [torch.cuda.Event(enable_timing=True) for _ in range(6)]
+                for i, m in enumerate(marks):  # 5 timings of 10: the fastest (clock dips make n too small)
+                    m.record(comp)
+                    for _ in range(10 if i < 5 else 0):
+                        (a @ a) * 0.01 if elementwise else a @ a
+            marks[-1].synchronize()
+            ms = min(x.elapsed_time(y) for x, y in zip(marks, marks[1:])) / 10
             if ms >= target_ms or n >= 16384:
                 return n, ms
             n = int(n * max(1.05, min(1.5, (target_ms / ms) ** (1 / 3))))
@@ -631,6 +682,12 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, ceiling_g
         "inline_dma_bg": ("inline", (dma, {"background": True}), comp_lo, ""),
         "ahead_dma_bg": ("ahead", (dma, {"background": True}), comp_lo, ""),
         "pre0_dma_bg": ("layer0_prefetched", (dma, {"background": True}), comp_lo, ""),
+        # run T: every layer's event recorded at start behind a gate, the copies enqueued by a helper thread
+        "inline_default_bg": ("inline", (default, {"background": True}), comp_lo, ""),
+        "pre0_default_bg": ("layer0_prefetched", (default, {"background": True}), comp_lo, ""),
+        "inline_ctas16_bg": ("inline", (ctas16, {"background": True}), comp_lo, ""),
+        "pre0_ctas16_bg": ("layer0_prefetched", (ctas16, {"background": True}), comp_lo, ""),
+        "along_dma_bg": ("ahead_long", (dma, {"background": True}), comp_lo, ""),
         "pre0_default": ("layer0_prefetched", default, comp_lo, ""),
         "pre0_old": ("layer0_prefetched", old, comp_lo, ""),
         "preall_default": ("all_prefetched", default, comp_lo, ""),
@@ -642,6 +699,8 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, ceiling_g
         "pre0_default_nold": ("layer0_prefetched", default, comp_lo, "_nold"),
         "preall_default_nold": ("all_prefetched", default, comp_lo, "_nold"),
     }
+    variants = _selected(variants, only, {"compute", "compute_again", "compute_inline", "compute_nold",
+                                          "compute_inline_nold", "inline_default", "ahead_default", "pre0_default"})
     for k, (mode, make, cs, size) in variants.items():  # warm-up: every variant once
         forward(mode, make, cs, size)
     enqueue_s.clear()
@@ -661,6 +720,7 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, ceiling_g
     fast = {k: (_quantile(got[k], 0.25) - _quantile(got[base_of(k)], 0.25)) / _quantile(got[base_of(k)], 0.25)
             for k in overhead}
     spread = {k: statistics.pstdev(v) / statistics.median(v) for k, v in got.items()}
+    paired = {k: _paired(got[k], got[base_of(k)]) for k in overhead}
     per_layer_ms = med["compute"] / L
     return {"layerwise_matmul_n": n, "layerwise_matmul_ms": ms, "layerwise_matmul_n_old_sizing": n_old,
             "layerwise_compute_ms_old_sizing": med["compute_nold"], "layerwise_per_layer_load_ms_at_ceiling": load_ms,
@@ -669,6 +729,7 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, ceiling_g
             "layerwise_first_layer_floor": load_ms / med["compute"],
             "layerwise_median_ms": med, "layerwise_rel_stdev": spread, "layerwise_overhead_by_variant": overhead,
             "layerwise_overhead_fast_quartile_by_variant": fast,
+            "layerwise_overhead_paired_by_variant": paired,
             "layerwise_enqueue_ms": {k: 1e3 * statistics.median(v) for k, v in enqueue_s.items()},
             "layerwise_sleep_ms_nominal": sleep_cycles / 2e9 * 1e3,
             "layerwise_all_ms": got,
@@ -707,8 +768,8 @@ def _table(r) -> str:
                       + (f"; NOT covered by transfers for the whole loop: {c['matmul_uncovered']}"
                          if c.get("matmul_uncovered") else ""), "",
                       "| with | TFLOP/s | loss (median) | loss (fast quartile) | per-round loss range | "
-                      "transfer GB/s during the matmuls |",
-                      "|---|---|---|---|---|---|"]
+                      "paired loss: median [95 % interval] | transfer GB/s during the matmuls |",
+                      "|---|---|---|---|---|---|---|"]
             for k in c:
                 if k.startswith("matmul_loss_with_"):
                     v = k[len("matmul_loss_with_"):]
@@ -717,6 +778,7 @@ def _table(r) -> str:
                     lines.append(f"| {v} | {c['matmul_tflops_with_' + v]:.0f} | {100 * c[k]:.1f} % | "
                                  + (f"{100 * fq:.1f} %" if fq is not None else "-") + " | "
                                  + (f"{100 * rng[0]:.1f} .. {100 * rng[1]:.1f} %" if rng else "once") + " | "
+                                 + _paired_cell(c.get(f"matmul_loss_paired_{v}")) + " | "
                                  + ", ".join(f"{kind} {g:.1f}" for kind, g in
                                              c.get("matmul_transfer_gbs_during", {}).get(v, {}).items()) + " |")
             if "matmul_transfer_gbs_alone" in c:
@@ -734,19 +796,27 @@ def _table(r) -> str:
                       f"{c['layerwise_rounds']} interleaved rounds; compute only {c['layerwise_compute_ms']:.2f} ms; "
                       f"host enqueue of 32 layers (ms): " + ", ".join(
                           f"{k} {v:.2f}" for k, v in c["layerwise_enqueue_ms"].items()), "",
-                      "| variant | median ms | overhead (median) | overhead (fast quartile) | rel. stdev |",
-                      "|---|---|---|---|---|"]
+                      "| variant | median ms | overhead (median) | overhead (fast quartile) | "
+                      "paired overhead: median [95 % interval] | rel. stdev |",
+                      "|---|---|---|---|---|---|"]
             for k, v in c["layerwise_median_ms"].items():
                 o = c["layerwise_overhead_by_variant"].get(k)
                 fq = c.get("layerwise_overhead_fast_quartile_by_variant", {}).get(k)
                 lines.append(f"| {k} | {v:.3f} | " + (f"{100 * o:.2f} %" if o is not None else "-") + " | "
-                             + (f"{100 * fq:.2f} %" if fq is not None else "-") +
+                             + (f"{100 * fq:.2f} %" if fq is not None else "-") + " | "
+                             + _paired_cell(c.get("layerwise_overhead_paired_by_variant", {}).get(k)) +
                              f" | {100 * c['layerwise_rel_stdev'][k]:.2f} % |")
     sweep = [c for c in r["cases"] if len(c["ours"]) > 8]
     if sweep:
         lines += ["", "Sweep (GB/s): " + " ; ".join(
             f"{c['shape']}/{c['tokens']}/{c.get('block_ids', 'random')}: " + ", ".join(f"{k} {v:.1f}" for k, v in c["ours"].items()) for c in sweep)]
     return "\n".join(lines) + "\n"
+
+
+def _paired_cell(p) -> str:
+    if not p:
+        return "-"
+    return f"{100 * p['median']:.2f} % [{100 * p['ci95'][0]:.2f}, {100 * p['ci95'][1]:.2f}]"
 
 
 def layer_count(c) -> int:
