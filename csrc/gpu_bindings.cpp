@@ -14,7 +14,6 @@
 #include "layout.h"
 
 #ifdef KVSTORE_WITH_CUDA
-#include "cuda/gates.h"
 #include "cuda/gpu_movers.h"
 #endif
 
@@ -49,14 +48,6 @@ gpu::Options make_options(int path, int ctas, int threads, int64_t piece_bytes, 
 
 struct PyPlan {
   std::unique_ptr<gpu::Plan> plan;
-};
-
-struct PyGates {
-  std::unique_ptr<gpu::Gates> gates;
-  gpu::Gates& get() {
-    if (!gates) throw InvalidArgument("gates already closed");
-    return *gates;
-  }
 };
 #endif
 
@@ -135,30 +126,6 @@ void bind_gpu_movers(py::module_& m) {
              p.plan.reset();
            }, "Returns the plan's device memory to the pool, stream-ordered after its work.");
 
-  py::class_<PyGates>(m, "GpuGates",
-                      "One device flag per layer: wait(i) holds the gates' own stream until open(i), enqueued on "
-                      "`feed` after layer i's copies, has run (csrc/cuda/gates.h).")
-      .def(py::init([](int device, int count, uintptr_t feed, int priority) {
-             require_gpu();
-             auto g = std::make_unique<PyGates>();
-             g->gates = std::make_unique<gpu::Gates>(device, count, feed, priority);
-             return g;
-           }),
-           py::arg("device"), py::arg("count"), py::arg("feed"), py::arg("priority") = 0)
-      .def("wait", [](PyGates& g, int i) { g.get().wait(i); }, py::arg("index"))
-      .def("open", [](PyGates& g, int i) {
-             gpu::Gates& gates = g.get();
-             py::gil_scoped_release nogil;
-             gates.open(i);
-           }, py::arg("index"))
-      .def_property_readonly("stream", [](PyGates& g) { return g.get().stream(); })
-      .def("close", [](PyGates& g) {
-             py::gil_scoped_release nogil;
-             g.gates.reset();
-           }, "Opens the gates not yet opened and frees the flags, stream-ordered after the waits.");
-  m.def("cuda_gates_supported", [](int device) { require_gpu(); return gpu::gates_supported(device); },
-        py::arg("device") = 0);
-
   m.def("cuda_memcpy_async", [](uint64_t dst, uint64_t src, int64_t n, uintptr_t stream) {
     require_gpu();
     py::gil_scoped_release nogil;
@@ -223,8 +190,7 @@ void bind_gpu_movers(py::module_& m) {
     require_gpu();  // always throws GpuUnavailable in a build without CUDA
     return py::none();
   };
-  for (const char* name : {"gpu_gather", "gpu_scatter", "GpuPlan", "GpuGates", "cuda_gates_supported",
-                           "cuda_memcpy_async", "cuda_memcpy_segments",
+  for (const char* name : {"gpu_gather", "gpu_scatter", "GpuPlan", "cuda_memcpy_async", "cuda_memcpy_segments",
                            "cuda_stream_create", "cuda_stream_destroy", "cuda_stream_synchronize",
                            "cuda_event_create", "cuda_event_destroy", "cuda_event_record", "cuda_stream_wait_event",
                            "cuda_stream_is_capturing",

@@ -161,7 +161,6 @@ class _Layerwise:
         # (clamped to the device's range); None = the class's default.
         if priority is None:
             priority = self.default_priority
-        self.priority = priority
         self.stream = C.cuda_stream_create(self.device, priority) if stream is None else stream_handle(stream)
         self.path, self.ctas = path, ctas or self.default_ctas(self.device)
         # One staging piece per layer (capped): one DMA + one kernel per layer keeps the host cost
@@ -228,10 +227,16 @@ class _Layerwise:
         self.close()
 
 
-def check_start_options(background: bool, lookahead: int | None) -> None:
+def check_start_options(background: bool, lookahead: int | None, callers_events: bool) -> None:
     """The combinations LayerwiseLoad.start refuses, before it enqueues anything."""
     if lookahead is not None and (background or lookahead < 1):
         raise InvalidArgumentError("lookahead must be >= 1 and cannot be combined with background")
+    if background and callers_events:
+        # A CUDA graph waiting on the caller's events binds, at each launch, to their latest
+        # record: a helper thread may record them after the graph launched, and the graph then
+        # waits on the previous step's records (vLLM e2e run 18: stale KV, 0 of 6 reloads exact).
+        raise InvalidArgumentError("background=True cannot be combined with the caller's events: every layer's "
+                                   "event must be recorded before anything waiting on it launches")
 
 
 class LayerwiseLoad(_Layerwise):
@@ -243,11 +248,12 @@ class LayerwiseLoad(_Layerwise):
     burst on every SM (ctas = SM count: ~13 us for 16 MiB instead of ~80 us with 8 CTAs), on a
     high-priority stream so that it is dispatched first in that gap. Overhead of a 32-layer
     forward with compute ~1.1x the transfer: 32-35 % -> 6.5-8.7 % (layer 0 exposed; floor 2.8 %).
-    With no SMs at all, path=PATH_DMA measured lowest on scattered blocks when the forward has
-    compute to hide the load (layer 0 prefetched: 2.2-2.8 % against 4.9-5.0 %, runs R-T) but costs
-    the host ~0.5 us a segment to enqueue (64 ms for 4 GiB of 32 KiB units); start(background=True)
-    moves that off the caller's thread at ~12 us a layer on the device (the gates: 7.1 % against
-    2.5 %, run T). Inside vLLM neither beat this default (e2e runs 18-19)."""
+    With no SMs at all: path=PATH_DMA and start(background=True) measured lower on scattered
+    blocks when the forward has compute to hide the load (layer 0 prefetched: 1.4-2.6 % against
+    2.7-5.0 %, runs L-R), but only with the handle's own events (see start). Recording every
+    event up front behind device flags that the helper thread opens (cuStreamWaitValue32, run T)
+    made it exact inside vLLM but slower (~12 us a layer) and it hangs when streams share a
+    hardware queue (CUDA_DEVICE_MAX_CONNECTIONS=1 or 2): not kept."""
     default_priority = -5  # the highest; CUDA clamps it to the device's range
 
     @staticmethod
@@ -258,22 +264,22 @@ class LayerwiseLoad(_Layerwise):
               lookahead: int | None = None, after_events: Sequence[int] = ()) -> "LayerwiseLoad":
         """Enqueues the layers: layer l of every chunk is one launch, then event_l. With
         `after_stream`, the loads start only after the work already issued to that stream.
-        background=True: the copies are enqueued by a helper thread (the native calls drop the
-        GIL), so the caller goes on enqueueing its forward at once; every layer's event is still
-        recorded before start returns, behind a gate (csrc/cuda/gates.h) that the helper opens
-        after that layer's copies, so a CUDA graph launched later waits on the right records.
+        background=True enqueues from a helper thread (the native calls drop the GIL), so the
+        caller goes on enqueueing its forward at once; wait_layer(l) then blocks the host only
+        until layer l has been *enqueued* (microseconds), never until it has arrived. Not with the
+        caller's `events` (a CUDA graph waiting on them must find them recorded when it launches).
         lookahead=k (not with background): start() enqueues only the first k layers and
         wait_layer(l) enqueues up to layer l+k, so the host's enqueue cost (~25 us a layer) is
         spread over the forward instead of delaying its first kernel; wait() enqueues the rest.
         after_events: CUDA events the loads also wait for (on the device)."""
         if self._issued or getattr(self, "_thread", None) is not None:
             raise InvalidArgumentError("LayerwiseLoad.start called twice")
-        check_start_options(background, lookahead)
+        check_start_options(background, lookahead, callers_events=not self._own_events)
         lb, le = self.layers
+        self._enqueued = {layer: threading.Event() for layer in range(lb, le)}
         self._error: BaseException | None = None
         self._next = lb
         self._lookahead = lookahead
-        self._gates = C.GpuGates(self.device, le - lb, self.stream, self.priority) if background else None
         if after_stream is not None:
             C.cuda_event_record(self._events[0], stream_handle(after_stream))
             C.cuda_stream_wait_event(self.stream, self._events[0])
@@ -281,10 +287,6 @@ class LayerwiseLoad(_Layerwise):
             C.cuda_stream_wait_event(self.stream, event)
 
         if background:
-            for layer in range(lb, le):  # every event recorded now, each behind its layer's gate
-                self._gates.wait(layer - lb)
-                C.cuda_event_record(self._event(layer), self._gates.stream)
-                self._issued.add(layer)
             self._thread = threading.Thread(target=self._enqueue_upto, args=(le,), name="kvstore-layerwise-load",
                                             daemon=True)
             self._thread.start()
@@ -300,58 +302,58 @@ class LayerwiseLoad(_Layerwise):
             while self._next < stop:
                 layer = self._next
                 self._plan.scatter(layer, layer + 1, path=self.path, ctas=self.ctas, piece_bytes=self.piece_bytes)
-                if self._gates is not None:
-                    self._gates.open(layer - self.layers[0])
-                else:
-                    C.cuda_event_record(self._event(layer), self.stream)
-                    self._issued.add(layer)
+                C.cuda_event_record(self._event(layer), self.stream)
                 if layer == self.layers[0]:
                     trace.mark("load.first_layer_enqueued")
+                self._issued.add(layer)
                 self._next = layer + 1
+                self._enqueued[layer].set()
         except BaseException as e:  # surfaced by wait_layer / wait
             self._error = e
-            if self._gates is not None:
-                self._gates.close()  # opens the rest: nothing on the device waits forever
+            for ev in self._enqueued.values():
+                ev.set()
 
     def _lazy_enqueue(self, stop: int) -> None:
         if getattr(self, "_lookahead", None) is not None and self._error is None:
             self._enqueue_upto(min(self.layers[1], stop))
 
-    def _issued_or_raise(self, layer: int) -> None:
+    def _enqueued_or_raise(self, layer: int, timeout_s: float | None) -> None:
+        ev = getattr(self, "_enqueued", {}).get(layer)
+        if ev is None:
+            raise InvalidArgumentError(f"layer {layer} was not started")
+        if not ev.wait(timeout_s):
+            raise KVTimeoutError(f"layer {layer} not enqueued after {timeout_s} s")
         if self._error is not None:
             raise self._error
-        if layer not in self._issued:
-            raise InvalidArgumentError(f"layer {layer} was not started")
 
-    def wait_layer(self, layer: int, stream: Any = 0) -> None:
+    def wait_layer(self, layer: int, stream: Any = 0, timeout_s: float | None = 60.0) -> None:
         """`stream` waits (on the device) until layer `layer` has arrived. No host synchronisation."""
         self._lazy_enqueue(layer + 1 + (getattr(self, "_lookahead", None) or 0))
-        self._issued_or_raise(layer)
+        self._enqueued_or_raise(layer, timeout_s)
         C.cuda_stream_wait_event(stream_handle(stream), self._event(layer))
 
     def wait(self, timeout_s: float | None = 60.0) -> None:
-        """Host wait for every layer; raises what the helper thread of a background start met."""
+        """Host wait for every layer. If enqueueing failed, the layers already enqueued still read
+        the objects: they are waited for too before the error is raised, so that the caller may
+        free the objects once this returns or raises."""
         self._lazy_enqueue(self.layers[1])
-        t = getattr(self, "_thread", None)
-        if t is not None:
-            t.join(timeout_s)
-            if t.is_alive():
-                raise KVTimeoutError(f"layer-wise load not enqueued after {timeout_s} s")
-        for layer in sorted(self._issued):
-            self._issued_or_raise(layer)
-            _wait_event(self._event(layer), timeout_s, f"layer-wise load of layer {layer}")
-        if getattr(self, "_error", None) is not None:
-            raise self._error
+        try:
+            for layer in sorted(getattr(self, "_enqueued", {})):
+                self._enqueued_or_raise(layer, timeout_s)
+                _wait_event(self._event(layer), timeout_s, f"layer-wise load of layer {layer}")
+        except BaseException:
+            t = getattr(self, "_thread", None)
+            if t is not None:
+                t.join(timeout_s)
+            for layer in sorted(self._issued):
+                _wait_event(self._event(layer), timeout_s, f"layer-wise load of layer {layer}")
+            raise
 
     def close(self) -> None:
         t = getattr(self, "_thread", None)
         if t is not None:
             t.join()
             self._thread = None
-        gates = getattr(self, "_gates", None)
-        if gates is not None:
-            gates.close()  # after the thread: every gate it did not open opens now
-            self._gates = None
         super().close()
 
 

@@ -5,7 +5,6 @@ before each run, data random. Plus the layer-wise handles and input validation.
 Run on a GPU machine: pytest -m gpu tests/test_gpu_movers.py"""
 from __future__ import annotations
 
-import time
 import zlib
 
 import numpy as np
@@ -317,14 +316,11 @@ def test_layerwise_load_starts_after_its_start_point(piece_bytes, background):
         assert cache.equal(), gpu_movers.PATH_NAMES[path]
 
 
-@pytest.mark.parametrize("background", [False, True])
-def test_layer_waits_inside_a_captured_cuda_graph(background):
+def test_layer_waits_inside_a_captured_cuda_graph():
     """Per-layer events owned by the caller and reused by every load: a CUDA graph captured once
     (the waits become external-event nodes) waits, at each replay, for the load enqueued before
     that replay. The load is held back behind a GPU sleep and the graph replays on another stream,
-    so without the waits the graph would copy poisoned blocks. background=True: the copies are
-    enqueued by a helper thread after the replay launched (it sleeps first), and the gates keep
-    the events' records where the graph binds to them."""
+    so without the waits the graph would copy poisoned blocks."""
     case = LoadCase(13, layers=6, blocks=64, heads=4, head_dim=128, bpc=4, n=5)
     cache, lay, ids, objs, bpc, L = case.cache, case.lay, case.ids, case.objs, case.bpc, case.L
     events = [C.cuda_event_create(0, False) for _ in range(L)]
@@ -341,9 +337,7 @@ def test_layer_waits_inside_a_captured_cuda_graph(background):
             case.refill()
             torch.cuda._sleep(50_000_000)  # ~25 ms: the load starts only after this
             h = gpu_movers.LayerwiseLoad(lay, ids, objs.ptrs, bpc, path=path, keepalive=objs, events=events)
-            if background:
-                h._plan = _PlanWrapper(h._plan, pause_s=0.005)
-            h.start(after_stream=torch.cuda.current_stream(), background=background)
+            h.start(after_stream=torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 graph.replay()
             side.synchronize()
@@ -360,16 +354,33 @@ def test_layer_waits_inside_a_captured_cuda_graph(background):
             C.cuda_event_destroy(e)
 
 
-class _PlanWrapper:
-    """A GpuPlan whose scatter pauses first (the helper thread's copies then come after the
-    caller's launches) or fails at one layer; everything else goes to the plan."""
+def test_background_enqueue_refuses_caller_events():
+    """The caller's events may be waited on by a captured CUDA graph, which binds to their record
+    at launch: a background thread recording them later would let the graph run on stale blocks."""
+    gen = torch.Generator().manual_seed(19)
+    cache = cache_factories(2, 8, 16, 2, 64, torch.bfloat16)["flash_attn"](gen)
+    objs = Objects(1, cache.layout_gpu.chunk_nbytes(16))
+    events = [C.cuda_event_create(0, False) for _ in range(2)]
+    try:
+        h = gpu_movers.LayerwiseLoad(cache.layout_gpu, [3], objs.ptrs, 1, keepalive=objs, events=events)
+        with pytest.raises(InvalidArgumentError, match="caller's events"):
+            h.start(after_stream=0, background=True)
+        h.start(after_stream=0)  # nothing was enqueued by the refused call
+        h.wait(timeout_s=30)
+        h.close()
+    finally:
+        for e in events:
+            C.cuda_event_destroy(e)
 
-    def __init__(self, plan, pause_s=0.0, fail_at=None):
-        self._wrapped, self.pause_s, self.fail_at, self.calls = plan, pause_s, fail_at, []
+
+class _FailingPlan:
+    """A GpuPlan whose scatter fails at one layer; everything else goes to the plan."""
+
+    def __init__(self, plan, fail_at: int):
+        self._wrapped, self.fail_at, self.calls = plan, fail_at, []
 
     def scatter(self, lb, le, **kw):
         self.calls.append(lb)
-        time.sleep(self.pause_s)
         if lb == self.fail_at:
             raise InvalidArgumentError("injected failure")
         return self._wrapped.scatter(lb, le, **kw)
@@ -378,29 +389,27 @@ class _PlanWrapper:
         return getattr(self._wrapped, name)
 
 
-def test_background_load_that_fails_opens_its_gates():
-    """A helper thread that fails mid-load still opens every gate (nothing on the device waits
-    forever), and the error reaches wait()."""
+def test_background_load_that_fails_reports_it():
+    """A helper thread that fails mid-load stops there; waiting for a layer it did not enqueue,
+    or for the whole load, raises its error instead of waiting or going on with stale blocks, and
+    wait() raises only once the layers it did enqueue have finished."""
     gen = torch.Generator().manual_seed(19)
     cache = cache_factories(4, 8, 16, 2, 64, torch.bfloat16)["flash_attn"](gen)
     objs = Objects(1, cache.layout_gpu.chunk_nbytes(16))
     h = gpu_movers.LayerwiseLoad(cache.layout_gpu, [3], objs.ptrs, 1, keepalive=objs)
-    h._plan = plan = _PlanWrapper(h._plan, fail_at=2)
-    h.start(after_stream=0, background=True)
-    h._thread.join(30)
-    compute = torch.cuda.Stream()
-    C.cuda_stream_wait_event(compute.cuda_stream, h._event(3))  # layer 3 was never moved
-    passed = torch.cuda.Event()
-    passed.record(compute)
-    deadline = time.monotonic() + 30
-    while not passed.query():  # the gate opened anyway: the stream goes on
-        assert time.monotonic() < deadline, "a stream waiting on a failed background load never went on"
-        time.sleep(0.001)
-    with pytest.raises(InvalidArgumentError, match="injected failure"):
-        h.wait_layer(3, compute)
-    with pytest.raises(InvalidArgumentError, match="injected failure"):
-        h.wait(timeout_s=30)
-    h.close()
+    h._plan = plan = _FailingPlan(h._plan, fail_at=2)
+    try:
+        h.start(after_stream=0, background=True)
+        compute = torch.cuda.Stream()
+        with pytest.raises(InvalidArgumentError, match="injected failure"):
+            h.wait_layer(3, compute, timeout_s=30)
+        with pytest.raises(InvalidArgumentError, match="injected failure"):
+            h.wait(timeout_s=30)
+        # what was enqueued before the failure has finished: the objects may be freed now
+        assert all(C.cuda_event_query(h._event(layer)) for layer in (0, 1))
+        compute.synchronize()
+    finally:
+        h.close()
     assert plan.calls == [0, 1, 2]
 
 

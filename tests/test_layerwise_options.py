@@ -1,17 +1,24 @@
 """LayerwiseLoad.start's refused option combinations (no GPU needed: checked before anything is
-enqueued)."""
+enqueued; the GPU suite runs the same refusal on a real handle)."""
 import pytest
 
 from kvstore.errors import InvalidArgumentError
 from kvstore.gpu_movers import check_start_options
 
 
-@pytest.mark.parametrize("background, lookahead", [(True, 2), (True, 1), (False, 0), (False, -1)])
+def test_background_with_the_callers_events_is_refused():
+    # a CUDA graph waiting on the caller's events would bind to records the helper thread has not made yet
+    with pytest.raises(InvalidArgumentError, match="caller's events"):
+        check_start_options(background=True, lookahead=None, callers_events=True)
+
+
+@pytest.mark.parametrize("background, lookahead", [(True, 2), (False, 0), (False, -1)])
 def test_bad_lookahead_is_refused(background, lookahead):
     with pytest.raises(InvalidArgumentError, match="lookahead"):
-        check_start_options(background=background, lookahead=lookahead)
+        check_start_options(background=background, lookahead=lookahead, callers_events=False)
 
 
-@pytest.mark.parametrize("background, lookahead", [(True, None), (False, None), (False, 1), (False, 3)])
-def test_allowed_combinations_pass(background, lookahead):
-    check_start_options(background=background, lookahead=lookahead)
+@pytest.mark.parametrize("background, lookahead, callers_events",
+                         [(True, None, False), (False, None, True), (False, 3, True), (False, None, False)])
+def test_allowed_combinations_pass(background, lookahead, callers_events):
+    check_start_options(background=background, lookahead=lookahead, callers_events=callers_events)

@@ -19,11 +19,17 @@
 
 #include "../errors.h"
 #include "../thread_pool.h"
-#include "cuda_check.h"
 
 namespace kvstore {
 namespace gpu {
 namespace {
+
+#define KV_CUDA(call)                                                                              \
+  do {                                                                                             \
+    cudaError_t kv_rc_ = (call);                                                                   \
+    if (kv_rc_ != cudaSuccess)                                                                     \
+      throw ::kvstore::CudaFailure(std::string(#call) + ": " + cudaGetErrorString(kv_rc_));        \
+  } while (0)
 
 inline cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 inline cudaEvent_t as_event(uintptr_t e) { return reinterpret_cast<cudaEvent_t>(e); }
