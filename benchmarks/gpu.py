@@ -270,11 +270,12 @@ def run(args) -> dict:
         if not args.quick and shape == shapes[0] and tokens == token_list[0]:
             if args.part in ("all", "interference"):
                 case.update(_interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr,
-                                          rounds=args.rounds, only=_names(args.variants)))
+                                          rounds=args.rounds, only=_names(args.variants),
+                                          strict=args.part == "interference"))
             if args.part in ("all", "layerwise"):
                 case.update(_layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total,
                                        ceiling_gbs=case["ceiling_h2d"], rounds=2 * args.rounds + 1,
-                                       only=_names(args.variants)))
+                                       only=_names(args.variants), strict=args.part == "layerwise"))
         results["cases"].append(case)
         bar.update(1)
         bar.set_postfix(shape=shape, tokens=tokens, save=f"{case['ratio_save']:.2f}", load=f"{case['ratio_load']:.2f}")
@@ -307,12 +308,13 @@ def _names(csv: str) -> set[str] | None:
     return {n for n in csv.split(",") if n} or None
 
 
-def _selected(variants: dict, only: set[str] | None, baselines: set[str]) -> dict:
-    """variants restricted to `only` plus the baselines they are compared with (all when None)."""
+def _selected(variants: dict, only: set[str] | None, baselines: set[str], strict: bool) -> dict:
+    """variants restricted to `only` plus the baselines they are compared with (all when None).
+    strict: a name this part does not know is an error (else it belongs to the other part)."""
     if only is None:
         return variants
     unknown = only - set(variants)
-    if unknown:
+    if strict and unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; known: {', '.join(variants)}")
     return {k: v for k, v in variants.items() if k in only or k in baselines}
 
@@ -345,7 +347,7 @@ def _round_order(names: list[str], r: int) -> list[str]:
 
 
 def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, rounds: int = 7,
-                  only: set[str] | None = None) -> dict:
+                  only: set[str] | None = None, strict: bool = True) -> dict:
     """bf16 8192^3 matmul TFLOP/s alone vs with saves / loads running on other streams.
 
     Every variant is measured once per round, the rounds interleave all variants (order shuffled
@@ -466,7 +468,7 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
         "save_comp_hi": (["save"], dict(comp=comp_hi)),
     }
     variants = _selected(variants, only, {"alone", "alone_again"} | (
-        {"alone_comp_hi"} if only and any(k.endswith("comp_hi") for k in only) else set()))
+        {"alone_comp_hi"} if only and any(k.endswith("comp_hi") for k in only) else set()), strict)
     names = list(variants)
     got = {k: [] for k in names}
     xfer_during = {k: {} for k in names}
@@ -544,7 +546,7 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
 
 
 def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, ceiling_gbs: float = 50.0,
-               rounds: int = 15, only: set[str] | None = None) -> dict:
+               rounds: int = 15, only: set[str] | None = None, strict: bool = True) -> dict:
     """32-layer synthetic forward, one matmul per layer ~ the per-layer transfer time, with
     LayerwiseLoad vs compute only. overhead = (median with loads - median compute only) /
     median compute only, all timed with CUDA events on the compute stream, every variant once per
@@ -586,10 +588,11 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, ceiling_g
                 for _ in range(3):
                     (a @ a) * 0.01 if elementwise else a @ a
                 marks = [torch.cuda.Event(enable_timing=True) for _ in range(6)]
-                for i, m in enumerate(marks):  # 5 timings of 10: the fastest (clock dips make n too small)
-                    m.record(comp)
-                    for _ in range(10 if i < 5 else 0):
+                marks[0].record(comp)
+                for m in marks[1:]:  # 5 timings of 10: the fastest (clock dips make n too small)
+                    for _ in range(10):
                         (a @ a) * 0.01 if elementwise else a @ a
+                    m.record(comp)
             marks[-1].synchronize()
             ms = min(x.elapsed_time(y) for x, y in zip(marks, marks[1:])) / 10
             if ms >= target_ms or n >= 16384:
@@ -700,7 +703,8 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, ceiling_g
         "preall_default_nold": ("all_prefetched", default, comp_lo, "_nold"),
     }
     variants = _selected(variants, only, {"compute", "compute_again", "compute_inline", "compute_nold",
-                                          "compute_inline_nold", "inline_default", "ahead_default", "pre0_default"})
+                                          "compute_inline_nold", "inline_default", "ahead_default", "pre0_default"},
+                         strict)
     for k, (mode, make, cs, size) in variants.items():  # warm-up: every variant once
         forward(mode, make, cs, size)
     enqueue_s.clear()

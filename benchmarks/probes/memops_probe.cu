@@ -1,5 +1,5 @@
 // Probe: which memory kinds and driver entry points cuStreamWaitValue32 / cuStreamWriteValue32
-// accept (csrc/cuda/gates.cu relies on the answer). On the GPU machine:
+// accept (the gated layer-wise loads tried in run T, reverted, relied on the answer). On the GPU machine:
 //   nvcc -gencode=arch=compute_90,code=sm_90 -o /tmp/p benchmarks/probes/memops_probe.cu && /tmp/p
 // H100, driver 580.159.04, CUDA 13.0 (2026-11-26): cudaMalloc and mapped host memory work;
 // cudaMallocAsync (pool) and managed memory get CUDA_ERROR_INVALID_VALUE (1) from both calls.
