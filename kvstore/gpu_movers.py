@@ -342,11 +342,12 @@ class LayerwiseLoad(_Layerwise):
                 self._enqueued_or_raise(layer, timeout_s)
                 _wait_event(self._event(layer), timeout_s, f"layer-wise load of layer {layer}")
         except BaseException:
-            t = getattr(self, "_thread", None)
-            if t is not None:
-                t.join(timeout_s)
-            for layer in sorted(self._issued):
-                _wait_event(self._event(layer), timeout_s, f"layer-wise load of layer {layer}")
+            if getattr(self, "_error", None) is not None:  # (a timeout has nothing more to wait for)
+                t = getattr(self, "_thread", None)
+                if t is not None:
+                    t.join(timeout_s)
+                for layer in sorted(self._issued):
+                    _wait_event(self._event(layer), timeout_s, f"layer-wise load of layer {layer}")
             raise
 
     def close(self) -> None:
