@@ -62,6 +62,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "so that more rounds fit in the same time")
 
 
+def make_batch(torch, gen, shape: str, tokens: int, pattern: str = "random"):
+    """The benchmarks' batch: a cache of `shape` with random bf16 contents and 1.25x the request's
+    blocks, and the request's block ids -> (caches, layout, ids). pattern "random": a random
+    permutation; "runs": chunk-sized runs at random chunk-aligned places. Either way the last id
+    is the cache's last block."""
+    from kvstore.layout import KVLayout
+
+    L, H, D, mla = SHAPES[shape]
+    n_blocks_req = tokens // BLOCK
+    num_blocks = n_blocks_req + n_blocks_req // 4 + 1
+    bpc, n_chunks = CHUNK // BLOCK, tokens // CHUNK
+    shape_of_layer = (num_blocks, BLOCK, D) if mla else (2, num_blocks, BLOCK, H, D)
+    caches = [torch.randint(-2**15, 2**15 - 1, shape_of_layer, dtype=torch.int16, device="cuda", generator=gen)
+              .view(torch.bfloat16) for _ in range(L)]
+    layout = KVLayout.from_mla(caches) if mla else KVLayout.from_flash_attn(caches)
+    rng = np.random.default_rng(tokens)
+    if pattern == "random":
+        ids = rng.permutation(num_blocks)[:n_blocks_req].astype(np.int64)
+        ids[-1] = num_blocks - 1
+    else:
+        slots = rng.permutation(num_blocks // bpc)[:n_chunks]
+        ids = (slots[:, None] * bpc + np.arange(bpc)[None, :]).reshape(-1).astype(np.int64)
+        ids[-bpc:] = np.arange(num_blocks - bpc, num_blocks)
+    return caches, layout, ids
+
+
 def _gbs(nbytes: int, ms: float) -> float:
     return nbytes / (ms * 1e-3) / 1e9
 
@@ -97,7 +123,6 @@ def run(args) -> dict:
 
     from kvstore._native import C
     from kvstore import gpu_movers
-    from kvstore.layout import KVLayout
 
     if C.cuda_device_count() == 0 or not torch.cuda.is_available():
         raise SystemExit("kvstore bench gpu needs a CUDA device")
@@ -113,9 +138,6 @@ def run(args) -> dict:
     sh = stream.cuda_stream
     timer = Timer(torch, stream)
     gen = torch.Generator(device="cuda").manual_seed(0)
-
-    def layer_shape(L, H, D, mla, num_blocks):
-        return [(num_blocks, BLOCK, D)] * L if mla else [(2, num_blocks, BLOCK, H, D)] * L
 
     # One pinned host arena and one device "contiguous" buffer, sized for the largest case.
     def obj_bytes(shape, tokens):
@@ -141,21 +163,8 @@ def run(args) -> dict:
     for shape, tokens, pattern in cases:
         L, H, D, mla = SHAPES[shape]
         planes = 1 if mla else 2
-        n_blocks_req = tokens // BLOCK
-        num_blocks = n_blocks_req + n_blocks_req // 4 + 1
-        bpc = CHUNK // BLOCK
-        n_chunks = tokens // CHUNK
-        caches = [torch.randint(-2**15, 2**15 - 1, s, dtype=torch.int16, device="cuda", generator=gen)
-                  .view(torch.bfloat16) for s in layer_shape(L, H, D, mla, num_blocks)]
-        layout = KVLayout.from_mla(caches) if mla else KVLayout.from_flash_attn(caches)
-        rng = np.random.default_rng(tokens)
-        if pattern == "random":
-            ids = rng.permutation(num_blocks)[:n_blocks_req].astype(np.int64)
-            ids[-1] = num_blocks - 1
-        else:  # chunk-sized runs at random chunk-aligned places, the last one ending at the last block
-            slots = rng.permutation(num_blocks // bpc)[:n_chunks]
-            ids = (slots[:, None] * bpc + np.arange(bpc)[None, :]).reshape(-1).astype(np.int64)
-            ids[-bpc:] = np.arange(num_blocks - bpc, num_blocks)
+        caches, layout, ids = make_batch(torch, gen, shape, tokens, pattern)
+        n_blocks_req, bpc, n_chunks = len(ids), CHUNK // BLOCK, tokens // CHUNK
         chunk_bytes = layout.chunk_nbytes(CHUNK)
         total = chunk_bytes * n_chunks
         objs = np.array([arena_ptr + i * chunk_bytes for i in range(n_chunks)], np.uint64)
@@ -494,15 +503,14 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
     for k in names:
         if k == "alone":
             continue
-        base = med["alone_comp_hi"] if k.endswith("comp_hi") else med["alone"]
+        base = "alone_comp_hi" if k.endswith("comp_hi") else "alone"
         out[f"matmul_tflops_with_{k}"] = med[k]
-        out[f"matmul_loss_with_{k}"] = 1 - med[k] / base
-        base_q = _quantile(got["alone_comp_hi" if k.endswith("comp_hi") else "alone"], 0.75)
-        out[f"matmul_loss_fast_quartile_{k}"] = 1 - _quantile(got[k], 0.75) / base_q
+        out[f"matmul_loss_with_{k}"] = 1 - med[k] / med[base]
+        out[f"matmul_loss_fast_quartile_{k}"] = 1 - _quantile(got[k], 0.75) / _quantile(got[base], 0.75)
         # spread: per-round losses against the same round's alone
-        per = [1 - w / al for w, al in zip(got[k], got["alone_comp_hi" if k.endswith("comp_hi") else "alone"])]
+        per = [1 - w / al for w, al in zip(got[k], got[base])]
         out[f"matmul_loss_range_{k}"] = (min(per), max(per))
-        paired = _paired(got[k], got["alone_comp_hi" if k.endswith("comp_hi") else "alone"])  # with/alone - 1
+        paired = _paired(got[k], got[base])  # with/alone - 1
         out[f"matmul_loss_paired_{k}"] = {"median": -paired["median"], "ci95": (-paired["ci95"][1], -paired["ci95"][0]),
                                           "n": paired["n"]}
     # for contrast (once each): the zero-copy kernel, busy for the whole transfer
@@ -565,7 +573,6 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, ceiling_g
     - all_prefetched: every layer has arrived before the first event: what the 32 cross-stream
       event waits alone cost (the floor of the mechanism).
     """
-    import math
     per_layer = total / L
     load_ms = per_layer / (ceiling_gbs * 1e9) * 1e3
     dev = torch.cuda.current_device()
@@ -685,7 +692,7 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, ceiling_g
         "inline_dma_bg": ("inline", (dma, {"background": True}), comp_lo, ""),
         "ahead_dma_bg": ("ahead", (dma, {"background": True}), comp_lo, ""),
         "pre0_dma_bg": ("layer0_prefetched", (dma, {"background": True}), comp_lo, ""),
-        # run T: every layer's event recorded at start behind a gate, the copies enqueued by a helper thread
+        # run T: more of the same (run T measured them behind gates, since reverted)
         "inline_default_bg": ("inline", (default, {"background": True}), comp_lo, ""),
         "pre0_default_bg": ("layer0_prefetched", (default, {"background": True}), comp_lo, ""),
         "inline_ctas16_bg": ("inline", (ctas16, {"background": True}), comp_lo, ""),

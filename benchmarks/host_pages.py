@@ -23,7 +23,7 @@ import numpy as np
 
 from .common import write_json
 
-L, H, D, BLOCK, CHUNK = 32, 8, 128, 16, 256
+SHAPE = "llama3.1-8b"
 HUGE = 2 << 20
 
 
@@ -71,9 +71,8 @@ def run(args) -> dict:
     import torch
 
     from kvstore._native import C
-    from kvstore.layout import KVLayout
 
-    from .gpu import Timer, _gbs
+    from .gpu import BLOCK, CHUNK, SHAPES, Timer, _gbs, make_batch
 
     if C.cuda_device_count() == 0 or not torch.cuda.is_available():
         raise SystemExit("benchmarks.host_pages needs a CUDA device")
@@ -81,13 +80,9 @@ def run(args) -> dict:
     sh = stream.cuda_stream
     gen = torch.Generator(device="cuda").manual_seed(0)
     tokens = args.tokens
-    n_req = tokens // BLOCK
-    num_blocks = n_req + n_req // 4 + 1
+    L = SHAPES[SHAPE][0]
     bpc, n_chunks = CHUNK // BLOCK, tokens // CHUNK
-    caches = [torch.randint(-2**15, 2**15 - 1, (2, num_blocks, BLOCK, H, D), dtype=torch.int16, device="cuda",
-                            generator=gen).view(torch.bfloat16) for _ in range(L)]
-    layout = KVLayout.from_flash_attn(caches)
-    ids = np.random.default_rng(tokens).permutation(num_blocks)[:n_req].astype(np.int64)
+    caches, layout, ids = make_batch(torch, gen, SHAPE, tokens)
     chunk_bytes = layout.chunk_nbytes(CHUNK)
     total = chunk_bytes * n_chunks
     dev = torch.empty(total, dtype=torch.uint8, device="cuda")

@@ -21,11 +21,9 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
-
 from .common import gpu_label, write_json
 
-L, H, D, BLOCK, CHUNK = 32, 8, 128, 16, 256
+SHAPE = "llama3.1-8b"
 
 # name: (path, LayerwiseLoad.start options)
 VARIANTS = {
@@ -40,18 +38,16 @@ def run(args) -> dict:
 
     from kvstore import gpu_movers
     from kvstore._native import C
-    from kvstore.layout import KVLayout
+
+    from .gpu import BLOCK, CHUNK, SHAPES, make_batch
 
     if C.cuda_device_count() == 0 or not torch.cuda.is_available():
         raise SystemExit("benchmarks.layer_arrival needs a CUDA device")
     tokens = args.tokens
+    L = SHAPES[SHAPE][0]
     n_chunks, bpc = tokens // CHUNK, CHUNK // BLOCK
-    num_blocks = 2 * tokens // BLOCK
     gen = torch.Generator(device="cuda").manual_seed(0)
-    caches = [torch.randint(1, 255, (2, num_blocks, BLOCK, H, D * 2), dtype=torch.uint8, device="cuda",
-                            generator=gen).view(torch.bfloat16) for _ in range(L)]
-    layout = KVLayout.from_flash_attn(caches)
-    ids = np.random.default_rng(0).permutation(num_blocks)[:n_chunks * bpc].astype(np.int64)
+    caches, layout, ids = make_batch(torch, gen, SHAPE, tokens)
     chunk_bytes = layout.chunk_nbytes(CHUNK)
     arena, pinned = C.host_alloc(n_chunks * chunk_bytes, True)
     arena[:] = 0x5A
