@@ -282,7 +282,7 @@ def run(args) -> dict:
                                           rounds=args.rounds, only=_names(args.variants),
                                           strict=args.part == "interference"))
             if args.part in ("all", "layerwise"):
-                case.update(_layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total,
+                case.update(_layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, arena_ptr, dptr,
                                        ceiling_gbs=case["ceiling_h2d"], rounds=2 * args.rounds + 1,
                                        only=_names(args.variants), strict=args.part == "layerwise"))
         results["cases"].append(case)
@@ -377,13 +377,25 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
     # transfer time alone per (kind, path): sizes the number enqueued per measurement
     xfer_ms = {}
 
+    def enqueue(kind, path, ctas, threads, piece):
+        """One transfer of the batch on its kind's stream. *_one_copy: the ceiling's contiguous pinned
+        memcpy of the same bytes, the least traffic any save / load can make."""
+        st = s1 if kind.startswith("save") else s2
+        if kind == "load_one_copy":
+            C.cuda_memcpy_async(dptr, arena_ptr, total, st.cuda_stream)
+        elif kind == "save_one_copy":
+            C.cuda_memcpy_async(arena_ptr, dptr, total, st.cuda_stream)
+        else:
+            fn = C.gpu_gather if kind == "save" else C.gpu_scatter
+            fn(layout.native, ids, objs, bpc, 0, L, stream=st.cuda_stream, path=path, ctas=ctas, threads=threads,
+               piece_bytes=piece)
+        return st
+
     def transfer_ms(kind, path, ctas, threads, piece):
         key = (kind, path, ctas, threads, piece)
         if key not in xfer_ms:
-            fn = C.gpu_gather if kind == "save" else C.gpu_scatter
-            st = s1 if kind == "save" else s2
-            go = lambda: fn(layout.native, ids, objs, bpc, 0, L, stream=st.cuda_stream, path=path, ctas=ctas,
-                            threads=threads, piece_bytes=piece)
+            st = s1 if kind.startswith("save") else s2
+            go = lambda: enqueue(kind, path, ctas, threads, piece)
             go()
             torch.cuda.synchronize()
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -402,11 +414,10 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
         torch.cuda.synchronize()
         ends, marks, queue = [], {}, []
         for kind in kinds:
-            fn = C.gpu_gather if kind == "save" else C.gpu_scatter
-            st = s1 if kind == "save" else s2
+            st = s1 if kind.startswith("save") else s2
             k = int(1.5 * iters * 1.45 / transfer_ms(kind, path, ctas, threads, piece)) + 2
             marks[kind] = []
-            queue.append((kind, fn, st, k))
+            queue.append((kind, st, k))
 
         # Transfers are enqueued by another thread while this one enqueues the matmuls, as an engine's
         # loads and saves are (the GIL is released inside each call): a path whose host-side
@@ -420,21 +431,20 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
                 failed.append(e)
 
         def enqueue_all():
-            for i in range(max(q[3] for q in queue)):
-                for kind, fn, st, k in queue:
+            for i in range(max(q[2] for q in queue)):
+                for kind, st, k in queue:
                     if i < k:
-                        fn(layout.native, ids, objs, bpc, 0, L, stream=st.cuda_stream, path=path, ctas=ctas,
-                           threads=threads, piece_bytes=piece)
+                        enqueue(kind, path, ctas, threads, piece)
                         m = torch.cuda.Event(enable_timing=True)
                         m.record(st)
                         marks[kind].append(m)
-            for kind, fn, st, k in queue:
+            for kind, st, k in queue:
                 e = torch.cuda.Event(enable_timing=True)
                 e.record(st)
                 ends.append(e)
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         e0.record(comp)
-        for kind, fn, st, k in queue:
+        for kind, st, k in queue:
             st.wait_event(e0)
         mover = threading.Thread(target=enqueue_transfers) if queue else None
         if mover:
@@ -472,6 +482,8 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
         "load_staged": (["load"], dict(path=S)),
         "save_dma": (["save"], dict(path=DMA)),
         "load_dma": (["load"], dict(path=DMA)),
+        "save_one_copy": (["save_one_copy"], {}),  # the floor: no mover's traffic can cost less
+        "load_one_copy": (["load_one_copy"], {}),
         "both_dma": (["save", "load"], dict(path=DMA)),
         "alone_comp_hi": ([], dict(comp=comp_hi)),
         "save_comp_hi": (["save"], dict(comp=comp_hi)),
@@ -553,8 +565,35 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
     return out
 
 
-def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, ceiling_gbs: float = 50.0,
-               rounds: int = 15, only: set[str] | None = None, strict: bool = True) -> dict:
+class _OneCopyPerLayer:
+    """The layer-wise ideal, timed like a LayerwiseLoad: layer l's bytes as one contiguous pinned
+    host -> device memcpy (the ceiling's copy cut in L), an event after each. No mover loads a
+    layer sooner or with less traffic, so its overhead is the floor of the measurement."""
+
+    def __init__(self, torch, C, dst: int, src: int, total: int, layers: int):
+        self._C, self._dst, self._src, self._total = C, dst, src, total
+        self._stream = torch.cuda.Stream()
+        self._events = [torch.cuda.Event() for _ in range(layers)]
+
+    def start(self, after_stream, lookahead=None, background=False) -> None:
+        self._stream.wait_stream(after_stream)
+        cuts = [self._total * i // len(self._events) for i in range(len(self._events) + 1)]
+        for event, a, b in zip(self._events, cuts, cuts[1:]):
+            self._C.cuda_memcpy_async(self._dst + a, self._src + a, b - a, self._stream.cuda_stream)
+            event.record(self._stream)
+
+    def wait_layer(self, layer: int, stream) -> None:
+        stream.wait_event(self._events[layer])
+
+    def wait(self, timeout_s: float) -> None:
+        self._events[-1].synchronize()
+
+    def close(self) -> None:
+        pass
+
+
+def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, arena_ptr: int, dptr: int,
+               ceiling_gbs: float = 50.0, rounds: int = 15, only: set[str] | None = None, strict: bool = True) -> dict:
     """32-layer synthetic forward, one matmul per layer ~ the per-layer transfer time, with
     LayerwiseLoad vs compute only. overhead = (median with loads - median compute only) /
     median compute only, all timed with CUDA events on the compute stream, every variant once per
@@ -578,8 +617,27 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, ceiling_g
     dev = torch.cuda.current_device()
     comp_lo = torch.cuda.Stream()
     comp = comp_lo
+    sleep_cycles = int(2e9 * 6e-3)  # ~6 ms at ~2 GHz: longer than the host needs to enqueue 32 layers
+
+    def compute_layer_ms(x, ws, elementwise):
+        """ms per layer of the compute-only forward: the GPU sleeps, then the L layers run back to back."""
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(comp):
+            torch.cuda._sleep(sleep_cycles)
+            e0.record(comp)
+            y = x
+            for layer in range(L):
+                y = torch.matmul(y, ws[layer % 2])
+                if elementwise:
+                    y = y * 0.01
+            e1.record(comp)
+        e1.synchronize()
+        return e0.elapsed_time(e1) / L
+
     def calibrate(target_ms, elementwise):
-        """Smallest n (multiple of 128, growing) whose matmul (+ the elementwise op) >= target_ms."""
+        """Smallest n (multiple of 128, growing) whose layer >= target_ms, timed as the forward runs
+        it: a 10 ms burst after the sleep runs 10-15 % faster than matmuls timed back to back (runs
+        T/U: n sized on a sustained loop gave 0.27 ms layers against a 0.30 ms load)."""
         warm = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
         t = time.perf_counter()
         while time.perf_counter() - t < 0.5:  # clocks up first: on a cold GPU every matmul looked slow
@@ -590,18 +648,8 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, ceiling_g
         del warm
         n = 2048
         while True:
-            a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-            with torch.cuda.stream(comp):
-                for _ in range(3):
-                    (a @ a) * 0.01 if elementwise else a @ a
-                marks = [torch.cuda.Event(enable_timing=True) for _ in range(6)]
-                marks[0].record(comp)
-                for m in marks[1:]:  # 5 timings of 10: the fastest (clock dips make n too small)
-                    for _ in range(10):
-                        (a @ a) * 0.01 if elementwise else a @ a
-                    m.record(comp)
-            marks[-1].synchronize()
-            ms = min(x.elapsed_time(y) for x, y in zip(marks, marks[1:])) / 10
+            x, *ws = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            ms = min(compute_layer_ms(x, ws, elementwise) for _ in range(5))  # the fastest: dips make n too small
             if ms >= target_ms or n >= 16384:
                 return n, ms
             n = int(n * max(1.05, min(1.5, (target_ms / ms) ** (1 / 3))))
@@ -615,7 +663,6 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, ceiling_g
                  [torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2)]),
             "_nold": (torch.randn(n_old, n_old, device="cuda", dtype=torch.bfloat16),
                       [torch.randn(n_old, n_old, device="cuda", dtype=torch.bfloat16) for _ in range(2)])}
-    sleep_cycles = int(2e9 * 6e-3)  # ~6 ms at ~2 GHz: longer than the host needs to enqueue 32 layers
     enqueue_s = {}
 
     def forward(mode, make, comp, size=""):
@@ -629,6 +676,7 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, ceiling_g
         h = make() if make is not None else None
         look = opts.get("lookahead")
         bg = opts.get("background", False)
+        waits = opts.get("wait_layers", True)  # False: the loads run beside the compute, unwaited
         with torch.cuda.stream(comp):
             if h is not None and mode == "all_prefetched":  # floor: only the 32 event waits remain
                 h.start(after_stream=comp)
@@ -646,7 +694,7 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, ceiling_g
                 enqueue_s.setdefault(mode, []).append(time.perf_counter() - t)
             y = x
             for layer in range(L):
-                if h is not None:
+                if h is not None and waits:
                     h.wait_layer(layer, comp)
                 y = torch.matmul(y, ws[layer % 2])
                 y = y * 0.01
@@ -661,6 +709,7 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, ceiling_g
         return lambda: gpu_movers.LayerwiseLoad(layout, ids, objs, bpc, **kw)
 
     S, DMA = gpu_movers.PATH_STAGED, gpu_movers.PATH_DMA
+    one_copy = lambda: _OneCopyPerLayer(torch, C, dptr, arena_ptr, total, L)
     sms = C.cuda_device_info(dev)["sm_count"]
     dma = loader(path=DMA)
     staged = loader(path=S)                              # the staged path with LayerwiseLoad's other defaults
@@ -698,6 +747,13 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, ceiling_g
         "inline_ctas16_bg": ("inline", (ctas16, {"background": True}), comp_lo, ""),
         "pre0_ctas16_bg": ("layer0_prefetched", (ctas16, {"background": True}), comp_lo, ""),
         "along_dma_bg": ("ahead_long", (dma, {"background": True}), comp_lo, ""),
+        # the DMA path's overhead taken apart: its loads running beside the compute with no layer
+        # waited on (what their traffic alone costs the matmuls), and the 32 waits once all arrived
+        "pre0_dma_unwaited": ("layer0_prefetched", (dma, {"wait_layers": False}), comp_lo, ""),
+        "preall_dma": ("all_prefetched", dma, comp_lo, ""),
+        # the same with the ideal mover (one contiguous memcpy per layer): the floor of any path
+        "pre0_one_copy": ("layer0_prefetched", one_copy, comp_lo, ""),
+        "pre0_one_copy_unwaited": ("layer0_prefetched", (one_copy, {"wait_layers": False}), comp_lo, ""),
         "pre0_default": ("layer0_prefetched", default, comp_lo, ""),
         "pre0_old": ("layer0_prefetched", old, comp_lo, ""),
         "preall_default": ("all_prefetched", default, comp_lo, ""),
