@@ -234,7 +234,7 @@ def run(args) -> dict:
             fn = C.gpu_gather if direction == "save" else C.gpu_scatter
             return lambda: fn(layout.native, ids, objs, bpc, 0, L, stream=sh, path=path, ctas=ctas)
         variants = {}
-        configs = [("auto", 0, 0), ("staged", 2, 0), ("dma", 4, 0), ("staged_ce", 3, 0)]
+        configs = [("auto", 0, 0), ("staged", 2, 0), ("dma", 4, 0)]
         if args.sweep:
             configs += [("direct", 1, c) for c in (4, 8, 16, 32, 132)] + [("staged", 2, c) for c in (2, 4, 8, 16)]
         for direction in ("save", "load"):

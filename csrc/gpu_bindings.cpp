@@ -35,8 +35,8 @@ void check_batch_shape(const IdArray& ids, const PtrArray& objs, int64_t bpc) {
 
 #ifdef KVSTORE_WITH_CUDA
 gpu::Options make_options(int path, int ctas, int threads, int64_t piece_bytes, int ring) {
-  KV_CHECK_ARG(path >= 0 && path <= 4,
-               "path must be 0 (auto), 1 (direct), 2 (staged), 3 (staged, copy engines) or 4 (dma)");
+  KV_CHECK_ARG(path == 0 || path == 1 || path == 2 || path == 4,
+               "path must be 0 (auto), 1 (direct), 2 (staged) or 4 (dma); 3 (staged_ce) was removed");
   gpu::Options o;
   o.path = static_cast<gpu::Path>(path);
   o.ctas = ctas;
@@ -58,7 +58,6 @@ void bind_gpu_movers(py::module_& m) {
   m.attr("GPU_PATH_AUTO") = 0;
   m.attr("GPU_PATH_DIRECT") = 1;
   m.attr("GPU_PATH_STAGED") = 2;
-  m.attr("GPU_PATH_STAGED_CE") = 3;
   m.attr("GPU_PATH_DMA") = 4;
 
 #ifdef KVSTORE_WITH_CUDA
@@ -79,7 +78,7 @@ void bind_gpu_movers(py::module_& m) {
       py::arg("ctas") = 0, py::arg("threads") = 0, py::arg("piece_bytes") = 0, py::arg("ring") = 0
   m.def("gpu_gather", one_shot(Direction::kGather), KV_MOVE_ARGS,
         "Engine blocks on the GPU -> objects (pinned host or device memory), enqueued on `stream`. Returns the "
-        "path used (1 direct, 2 staged, 3 staged_ce, 4 dma).");
+        "path used (1 direct, 2 staged, 4 dma).");
   m.def("gpu_scatter", one_shot(Direction::kScatter), KV_MOVE_ARGS,
         "Objects -> engine blocks on the GPU, enqueued on `stream`. Returns the path used.");
 #undef KV_MOVE_ARGS

@@ -15,10 +15,9 @@ accepted wherever a stream is, through its `.cuda_stream`).
 
 Paths (kvstore._C.GPU_PATH_*): direct = the kernel reads/writes pinned memory zero-copy over
 PCIe; staged = DMA of whole contiguous object slices into a small device ring plus an on-GPU
-kernel with few CTAs; staged_ce = the same ring with the device-side move done by the copy engines
-too (no SMs; layouts whose per-block unit is contiguous, else it runs as staged); dma = no
-kernel and no ring: batched DMA straight between each engine unit and its place in the object,
-consecutive block ids merged into one segment (same condition as staged_ce). PATH_AUTO picks per
+kernel with few CTAs; dma = no kernel and no ring: batched DMA straight between each engine unit
+and its place in the object, consecutive block ids merged into one segment (layouts whose
+per-block unit is contiguous, else it runs as staged). PATH_AUTO picks per
 call by the rule measured in benchmarks/gpu.py: dma when its mean segment is >= 512 KiB, else staged
 (objects in device memory: direct).
 """
@@ -35,8 +34,8 @@ from ._native import C
 from .errors import GPUUnavailableError, InvalidArgumentError, KVTimeoutError
 from .layout import KVLayout
 
-PATH_AUTO, PATH_DIRECT, PATH_STAGED, PATH_STAGED_CE, PATH_DMA = 0, 1, 2, 3, 4
-PATH_NAMES = {PATH_DIRECT: "direct", PATH_STAGED: "staged", PATH_STAGED_CE: "staged_ce", PATH_DMA: "dma"}
+PATH_AUTO, PATH_DIRECT, PATH_STAGED, PATH_DMA = 0, 1, 2, 4  # 3 was staged_ce (csrc/cuda/gpu_movers.h)
+PATH_NAMES = {PATH_DIRECT: "direct", PATH_STAGED: "staged", PATH_DMA: "dma"}
 
 _local = threading.local()
 _sm_counts: dict[int, int] = {}
@@ -147,6 +146,7 @@ class _Layerwise:
     def __init__(self, layout: KVLayout, block_ids, object_ptrs, blocks_per_chunk: int, *, stream: Any = None,
                  layers: tuple[int, int] | None = None, path: int = PATH_AUTO, ctas: int = 0, piece_bytes: int = 0,
                  keepalive: Any = None, priority: int | None = None, events: Sequence[int] | None = None):
+        check_path(path)
         self.device = check_gpu(layout)
         self.layout = layout
         self.layers = layers or (0, layout.num_layers)
@@ -195,10 +195,10 @@ class _Layerwise:
     @property
     def path_name(self) -> str:
         """The path the transfers take ("dma", "staged", ...): PATH_AUTO resolved by the plan's
-        rule; staged_ce / dma fall back to staged on layouts without contiguous units."""
+        rule; dma falls back to staged on layouts without contiguous units."""
         if self.path == PATH_AUTO:
             return PATH_NAMES[self._plan.choose(isinstance(self, LayerwiseSave), *self.layers)]
-        if self.path in (PATH_STAGED_CE, PATH_DMA) and self._plan.dma_segment_bytes() == 0:
+        if self.path == PATH_DMA and self._plan.dma_segment_bytes() == 0:
             return PATH_NAMES[PATH_STAGED]
         return PATH_NAMES[self.path]
 
@@ -225,6 +225,12 @@ class _Layerwise:
         if exc[0] is None:
             self.wait()
         self.close()
+
+
+def check_path(path: int) -> None:
+    if path != PATH_AUTO and path not in PATH_NAMES:
+        raise InvalidArgumentError(f"unknown path {path}: 0 (auto), " + ", ".join(
+            f"{k} ({v})" for k, v in PATH_NAMES.items()) + "; 3 (staged_ce) was removed")
 
 
 def check_start_options(background: bool, lookahead: int | None, callers_events: bool) -> None:

@@ -26,7 +26,7 @@ from kvstore.layout import KVLayout  # noqa: E402
 
 DTYPES = {2: torch.bfloat16, 1: torch.uint8}
 VLLM_ORDERS = ["LBHNC", "LBNHC", "LHBNC", "BLHNC", "BLNHC", "BHLNC"]
-PATHS = [gpu_movers.PATH_DIRECT, gpu_movers.PATH_STAGED, gpu_movers.PATH_STAGED_CE, gpu_movers.PATH_DMA]
+PATHS = [gpu_movers.PATH_DIRECT, gpu_movers.PATH_STAGED, gpu_movers.PATH_DMA]
 
 
 def rand_bytes(gen: torch.Generator, shape, dtype) -> torch.Tensor:
@@ -277,7 +277,7 @@ def test_layerwise_load_orders_compute():
         assert h.path_name == gpu_movers.PATH_NAMES[path]  # FlashAttention units are contiguous: no fallback
         background = path in (gpu_movers.PATH_STAGED, gpu_movers.PATH_DMA)
         h.start(after_stream=torch.cuda.current_stream(), background=background,
-                lookahead=(2 if path == gpu_movers.PATH_STAGED_CE else None))
+                lookahead=(2 if path == gpu_movers.PATH_DIRECT else None))
         with torch.cuda.stream(compute):
             for layer in range(L):
                 h.wait_layer(layer, compute)
@@ -590,6 +590,8 @@ def test_validation_errors():
         C.gpu_scatter(lay.native, np.array([0, 1], np.int64), np.array(objs.ptrs, np.uint64), 1, 0, 2)
     with pytest.raises(InvalidArgumentError):
         C.gpu_gather(lay.native, np.array([0], np.int64), np.array(objs.ptrs, np.uint64), 1, 0, 2, path=7)
+    with pytest.raises(InvalidArgumentError, match="staged_ce.*removed"):
+        C.gpu_scatter(lay.native, np.array([0], np.int64), np.array(objs.ptrs, np.uint64), 1, 0, 2, path=3)
     with pytest.raises(InvalidArgumentError, match="device memory"):  # a CPU cache given to the GPU mover
         C.gpu_gather(cache.layout_cpu.native, np.array([0], np.int64), np.array(objs.ptrs, np.uint64), 1, 0, 2)
 

@@ -1,9 +1,9 @@
-"""LayerwiseLoad.start's refused option combinations (no GPU needed: checked before anything is
-enqueued; the GPU suite runs the same refusal on a real handle)."""
+"""LayerwiseLoad's refused paths and start() option combinations (no GPU needed: checked before
+anything is enqueued; the GPU suite runs the same refusals on a real handle)."""
 import pytest
 
 from kvstore.errors import InvalidArgumentError
-from kvstore.gpu_movers import check_start_options
+from kvstore.gpu_movers import PATH_NAMES, check_path, check_start_options
 
 
 def test_background_with_the_callers_events_is_refused():
@@ -22,3 +22,14 @@ def test_bad_lookahead_is_refused(background, lookahead):
                          [(True, None, False), (False, None, True), (False, 3, True), (False, None, False)])
 def test_allowed_combinations_pass(background, lookahead, callers_events):
     check_start_options(background=background, lookahead=lookahead, callers_events=callers_events)
+
+
+@pytest.mark.parametrize("path", [3, 5, -1])
+def test_unknown_path_is_refused(path):
+    with pytest.raises(InvalidArgumentError, match=f"unknown path {path}"):
+        check_path(path)
+
+
+def test_known_paths_pass():
+    for path in [0, *PATH_NAMES]:
+        check_path(path)

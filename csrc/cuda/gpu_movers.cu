@@ -416,9 +416,8 @@ Path Plan::run(Direction dir, int32_t lb, int32_t le, const Options& opt) {
                "threads must be a multiple of 32 in [32, 1024]");
   KV_CHECK_ARG(opt.piece_bytes >= 0 && opt.ring >= 0 && opt.ring <= 64, "bad staging piece size or ring depth");
   Path path = opt.path == Path::kAuto ? choose(dir, lb, le) : opt.path;
-  KV_CHECK_ARG(path == Path::kDirect || path == Path::kStaged || path == Path::kStagedCE || path == Path::kDMA,
-               "unknown path");
-  if ((path == Path::kStagedCE || path == Path::kDMA) && !m.unit_contiguous) path = Path::kStaged;
+  KV_CHECK_ARG(path == Path::kDirect || path == Path::kStaged || path == Path::kDMA, "unknown path");
+  if (path == Path::kDMA && !m.unit_contiguous) path = Path::kStaged;
   const bool gather = dir == Direction::kGather;
   // A skipped block has no bytes to save: the staged path would fill its place in the object with
   // whatever the ring held, so a save with skip blocks is refused rather than half-defined.
@@ -515,35 +514,6 @@ Path Plan::run(Direction dir, int32_t lb, int32_t le, const Options& opt) {
   const int ctas = opt.ctas ? opt.ctas : kStagedCtas;
   std::vector<uint64_t> dsts, srcs;
   std::vector<int64_t> sizes;
-  // Copy-engine variant of kernel(): one batched DMA of whole engine units <-> the packed piece.
-  const int64_t unit_bytes = int64_t(L.block_size) * L.num_heads * L.head_nbytes;
-  std::vector<uint64_t> ce_dsts, ce_srcs;
-  std::vector<int64_t> ce_sizes;
-  auto ce_copy = [&](int64_t c0, int64_t n, int32_t a, int32_t b, uint64_t sp) {
-    ce_dsts.clear();
-    ce_srcs.clear();
-    ce_sizes.clear();
-    const int64_t seg = int64_t(b - a) * layer_bytes;
-    for (int64_t i = 0; i < n; ++i)
-      for (int32_t li = a; li < b; ++li)
-        for (int32_t pl = 0; pl < L.num_planes; ++pl) {
-          const uint64_t plane = L.plane_ptrs[size_t(li) * L.num_planes + pl];
-          for (int64_t k = 0; k < m.bpc; ++k) {
-            const int64_t block = m.ids_host[size_t((c0 + i) * m.bpc + k)];
-            if (block == kSkipBlock) continue;
-            const uint64_t eng = plane + uint64_t(block * L.block_stride);
-            const uint64_t stg = sp + uint64_t(i * seg + ((int64_t(li - a) * L.num_planes + pl) * m.bpc + k) * unit_bytes);
-            ce_dsts.push_back(gather ? stg : eng);
-            ce_srcs.push_back(gather ? eng : stg);
-            ce_sizes.push_back(unit_bytes);
-          }
-        }
-    if (!ce_sizes.empty()) memcpy_segments(ce_dsts, ce_srcs, ce_sizes, stream_, true);
-  };
-  auto device_side = [&](int64_t c0, int64_t n, int32_t a, int32_t b, uint64_t sp) {
-    if (path == Path::kStagedCE) ce_copy(c0, n, a, b, sp);
-    else kernel(c0, n, a, b, sp, ctas);
-  };
   int64_t piece = 0;
   for (int64_t c0 = 0; c0 < num_chunks_; c0 += cpp) {
     const int64_t n = std::min(cpp, num_chunks_ - c0);
@@ -564,7 +534,7 @@ Path Plan::run(Direction dir, int32_t lb, int32_t le, const Options& opt) {
       }
       if (gather) {
         KV_CUDA(cudaStreamWaitEvent(s, m.ev_free[slot], 0));
-        device_side(c0, n, a, b, sp);
+        kernel(c0, n, a, b, sp, ctas);
         KV_CUDA(cudaEventRecord(m.ev_ready[slot], s));
         KV_CUDA(cudaStreamWaitEvent(m.aux, m.ev_ready[slot], 0));
         memcpy_segments(dsts, srcs, sizes, reinterpret_cast<uintptr_t>(m.aux), true);
@@ -574,7 +544,7 @@ Path Plan::run(Direction dir, int32_t lb, int32_t le, const Options& opt) {
         memcpy_segments(dsts, srcs, sizes, reinterpret_cast<uintptr_t>(m.aux), true);
         KV_CUDA(cudaEventRecord(m.ev_ready[slot], m.aux));
         KV_CUDA(cudaStreamWaitEvent(s, m.ev_ready[slot], 0));
-        device_side(c0, n, a, b, sp);
+        kernel(c0, n, a, b, sp, ctas);
         KV_CUDA(cudaEventRecord(m.ev_free[slot], s));
       }
     }

@@ -21,17 +21,18 @@
 namespace kvstore {
 namespace gpu {
 
-// kStagedCE: the staged path with the device-side move done by the copy engines
-// (cudaMemcpyBatchAsync of whole engine block units, device<->staging) instead of the kernel, so
-// no SMs are used at all; only where one (layer, plane, block) unit is contiguous in the engine
-// cache (FlashAttention [2,B,N,H,D], MLA [B,N,D], vLLM [B,N,H,C]); elsewhere it runs as kStaged.
-//
-// kDMA: no kernel at all: batched DMA (cudaMemcpyBatchAsync) straight between each contiguous
-// engine unit and its place in the object, consecutive block ids merged into one segment, spread
-// over a few streams. Same unit-contiguity condition as kStagedCE (elsewhere it runs as kStaged).
+// kDMA: no kernel at all: batched DMA (cudaMemcpyBatchAsync) straight between each engine unit
+// and its place in the object, consecutive block ids merged into one segment, spread over a few
+// streams; only where one (layer, plane, block) unit is contiguous in the engine cache
+// (FlashAttention [2,B,N,H,D], MLA [B,N,D], vLLM [B,N,H,C]); elsewhere it runs as kStaged.
 // Uses no SMs; fast when segments are big (block ids in runs), ~0.9x the ceiling on scattered
 // 32 KiB units and poor on smaller ones (measured: results/gpu_H100-80GB-HBM3.md).
-enum class Path : int { kAuto = 0, kDirect = 1, kStaged = 2, kStagedCE = 3, kDMA = 4 };
+//
+// 3 was kStagedCE, the staged ring with its device-side move made by cudaMemcpyBatchAsync instead
+// of the kernel, meant to use no SMs. Removed: the driver makes every device-to-device copy with a
+// kernel (~4 us per 32 KiB copy, 8 GB/s, and it waits for SMs held by a GEMM; probe
+// benchmarks/probes/ce_copy_probe.cu), so it used SMs anyway at a tenth of the kernel's speed.
+enum class Path : int { kAuto = 0, kDirect = 1, kStaged = 2, kDMA = 4 };
 
 struct Options {
   Path path = Path::kAuto;
