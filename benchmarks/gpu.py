@@ -386,10 +386,10 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
         elif kind == "save_one_copy":
             C.cuda_memcpy_async(arena_ptr, dptr, total, st.cuda_stream)
         else:
+            assert kind in ("save", "load"), kind
             fn = C.gpu_gather if kind == "save" else C.gpu_scatter
             fn(layout.native, ids, objs, bpc, 0, L, stream=st.cuda_stream, path=path, ctas=ctas, threads=threads,
                piece_bytes=piece)
-        return st
 
     def transfer_ms(kind, path, ctas, threads, piece):
         key = (kind, path, ctas, threads, piece)
@@ -570,9 +570,10 @@ class _OneCopyPerLayer:
     host -> device memcpy (the ceiling's copy cut in L), an event after each. No mover loads a
     layer sooner or with less traffic, so its overhead is the floor of the measurement."""
 
-    def __init__(self, torch, C, dst: int, src: int, total: int, layers: int):
-        self._C, self._dst, self._src, self._total = C, dst, src, total
-        self._stream = torch.cuda.Stream()
+    def __init__(self, torch, C, stream, dst: int, src: int, total: int, layers: int):
+        # its own stream, made once by the caller: torch.cuda.Stream() hands out pooled streams in
+        # turn, so one made per handle was the compute stream itself every 32nd time
+        self._C, self._stream, self._dst, self._src, self._total = C, stream, dst, src, total
         self._events = [torch.cuda.Event() for _ in range(layers)]
 
     def start(self, after_stream, lookahead=None, background=False) -> None:
@@ -635,9 +636,11 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, arena_ptr
         return e0.elapsed_time(e1) / L
 
     def calibrate(target_ms, elementwise):
-        """Smallest n (multiple of 128, growing) whose layer >= target_ms, timed as the forward runs
-        it: a 10 ms burst after the sleep runs 10-15 % faster than matmuls timed back to back (runs
-        T/U: n sized on a sustained loop gave 0.27 ms layers against a 0.30 ms load)."""
+        """The first n of a growing sequence (multiples of 128, each step >= 5 %, so up to ~16 % more
+        time than target_ms) whose layer takes >= target_ms, timed as the forward runs it: a 10 ms
+        burst after the sleep runs 10-15 % faster than matmuls timed back to back (runs T/U: n sized
+        on a sustained loop gave 0.27 ms layers against a 0.30 ms load). The result's
+        layerwise_compute_over_load says how much slack the forward got."""
         warm = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
         t = time.perf_counter()
         while time.perf_counter() - t < 0.5:  # clocks up first: on a cold GPU every matmul looked slow
@@ -649,6 +652,8 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, arena_ptr
         n = 2048
         while True:
             x, *ws = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            if not elementwise:  # no * 0.01 between layers: keep the chain finite (bf16 inf by layer 20)
+                ws = [w * n ** -0.5 for w in ws]
             ms = min(compute_layer_ms(x, ws, elementwise) for _ in range(5))  # the fastest: dips make n too small
             if ms >= target_ms or n >= 16384:
                 return n, ms
@@ -709,7 +714,8 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, arena_ptr
         return lambda: gpu_movers.LayerwiseLoad(layout, ids, objs, bpc, **kw)
 
     S, DMA = gpu_movers.PATH_STAGED, gpu_movers.PATH_DMA
-    one_copy = lambda: _OneCopyPerLayer(torch, C, dptr, arena_ptr, total, L)
+    copy_stream = torch.cuda.ExternalStream(C.cuda_stream_create(dev, 0))
+    one_copy = lambda: _OneCopyPerLayer(torch, C, copy_stream, dptr, arena_ptr, total, L)
     sms = C.cuda_device_info(dev)["sm_count"]
     dma = loader(path=DMA)
     staged = loader(path=S)                              # the staged path with LayerwiseLoad's other defaults
@@ -777,6 +783,8 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, arena_ptr
         for k in _round_order(names, r):
             mode, make, cs, size = variants[k]
             got[k].append(forward(mode, make, cs, size))
+    torch.cuda.synchronize()
+    C.cuda_stream_destroy(copy_stream.cuda_stream)
     med = {k: statistics.median(v) for k, v in got.items()}
 
     def base_of(k):
@@ -793,6 +801,7 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, arena_ptr
             "layerwise_compute_ms_old_sizing": med["compute_nold"], "layerwise_per_layer_load_ms_at_ceiling": load_ms,
             "layerwise_ceiling_gbs": ceiling_gbs, "layerwise_rounds": rounds,
             "layerwise_compute_ms": med["compute"], "layerwise_compute_layer_ms": per_layer_ms,
+            "layerwise_compute_over_load": per_layer_ms / load_ms,
             "layerwise_first_layer_floor": load_ms / med["compute"],
             "layerwise_median_ms": med, "layerwise_rel_stdev": spread, "layerwise_overhead_by_variant": overhead,
             "layerwise_overhead_fast_quartile_by_variant": fast,
@@ -858,7 +867,9 @@ def _table(r) -> str:
             lines += ["", f"Layer-wise ({c.get('block_ids', 'random')} block ids, {layer_count(c)} layers, matmul n={c['layerwise_matmul_n']}, "
                       f"{c['layerwise_compute_layer_ms']:.3f} ms per layer (the first runs' sizing, suffix _nold: n="
                       f"{c.get('layerwise_matmul_n_old_sizing')}, {c.get('layerwise_compute_ms_old_sizing', 0) / 32:.3f} ms) vs "
-                      f"{c['layerwise_per_layer_load_ms_at_ceiling']:.3f} ms per layer's load at the H2D ceiling; "
+                      f"{c['layerwise_per_layer_load_ms_at_ceiling']:.3f} ms per layer's load at the H2D ceiling"
+                      + (f" ({c['layerwise_compute_over_load']:.2f}x)" if "layerwise_compute_over_load" in c else "")
+                      + "; "
                       f"first-layer floor {100 * c['layerwise_first_layer_floor']:.2f} %), medians of "
                       f"{c['layerwise_rounds']} interleaved rounds; compute only {c['layerwise_compute_ms']:.2f} ms; "
                       f"host enqueue of 32 layers (ms): " + ", ".join(

@@ -1,9 +1,12 @@
 """LayerwiseLoad's refused paths and start() option combinations (no GPU needed: checked before
-anything is enqueued; the GPU suite runs the same refusals on a real handle)."""
+anything is made or enqueued; the GPU suite runs the start() refusals on a real handle, and the
+C++ side's refusal of path 3 in test_validation_errors)."""
+import numpy as np
 import pytest
 
 from kvstore.errors import InvalidArgumentError
-from kvstore.gpu_movers import PATH_NAMES, check_path, check_start_options
+from kvstore.gpu_movers import PATH_NAMES, LayerwiseLoad, check_path, check_start_options
+from kvstore.layout import KVLayout
 
 
 def test_background_with_the_callers_events_is_refused():
@@ -33,3 +36,9 @@ def test_unknown_path_is_refused(path):
 def test_known_paths_pass():
     for path in [0, *PATH_NAMES]:
         check_path(path)
+
+
+def test_a_handle_with_the_removed_path_is_refused_before_the_gpu_is_touched():
+    cache = [np.zeros((2, 4, 16, 2, 8), np.float16) for _ in range(2)]  # a CPU cache: check_gpu would refuse it
+    with pytest.raises(InvalidArgumentError, match="staged_ce"):
+        LayerwiseLoad(KVLayout.from_flash_attn(cache), [0], [0], 1, path=3)

@@ -19,6 +19,10 @@
 #include <random>
 #include <vector>
 
+#if CUDART_VERSION < 13000
+#error "written for CUDA 13's cudaMemcpyBatchAsync (12.8/12.9 take an extra failIdx argument)"
+#endif
+
 #define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { \
   printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); std::exit(1); } } while (0)
 

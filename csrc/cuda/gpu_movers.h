@@ -30,7 +30,7 @@ namespace gpu {
 //
 // 3 was kStagedCE, the staged ring with its device-side move made by cudaMemcpyBatchAsync instead
 // of the kernel, meant to use no SMs. Removed: the driver makes every device-to-device copy with a
-// kernel (~4 us per 32 KiB copy, 8 GB/s, and it waits for SMs held by a GEMM; probe
+// kernel (~4 us per 32 KiB copy, 8 GB/s, and it waits while another kernel holds the SMs; probe
 // benchmarks/probes/ce_copy_probe.cu), so it used SMs anyway at a tenth of the kernel's speed.
 enum class Path : int { kAuto = 0, kDirect = 1, kStaged = 2, kDMA = 4 };
 
