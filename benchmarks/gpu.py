@@ -377,10 +377,13 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
     # transfer time alone per (kind, path): sizes the number enqueued per measurement
     xfer_ms = {}
 
+    def stream_of(kind):
+        return s1 if kind.startswith("save") else s2
+
     def enqueue(kind, path, ctas, threads, piece):
         """One transfer of the batch on its kind's stream. *_one_copy: the ceiling's contiguous pinned
         memcpy of the same bytes, the least traffic any save / load can make."""
-        st = s1 if kind.startswith("save") else s2
+        st = stream_of(kind)
         if kind == "load_one_copy":
             C.cuda_memcpy_async(dptr, arena_ptr, total, st.cuda_stream)
         elif kind == "save_one_copy":
@@ -394,7 +397,7 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
     def transfer_ms(kind, path, ctas, threads, piece):
         key = (kind, path, ctas, threads, piece)
         if key not in xfer_ms:
-            st = s1 if kind.startswith("save") else s2
+            st = stream_of(kind)
             go = lambda: enqueue(kind, path, ctas, threads, piece)
             go()
             torch.cuda.synchronize()
@@ -414,7 +417,7 @@ def _interference(torch, C, layout, ids, objs, bpc, L, total, arena_ptr, dptr, r
         torch.cuda.synchronize()
         ends, marks, queue = [], {}, []
         for kind in kinds:
-            st = s1 if kind.startswith("save") else s2
+            st = stream_of(kind)
             k = int(1.5 * iters * 1.45 / transfer_ms(kind, path, ctas, threads, piece)) + 2
             marks[kind] = []
             queue.append((kind, st, k))
@@ -620,17 +623,23 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, arena_ptr
     comp = comp_lo
     sleep_cycles = int(2e9 * 6e-3)  # ~6 ms at ~2 GHz: longer than the host needs to enqueue 32 layers
 
+    def run_layers(x, ws, before_layer=None, elementwise=True):
+        """The forward's L layers on the current stream: one matmul each (+ the elementwise op)."""
+        y = x
+        for layer in range(L):
+            if before_layer is not None:
+                before_layer(layer)
+            y = torch.matmul(y, ws[layer % 2])
+            if elementwise:
+                y = y * 0.01
+
     def compute_layer_ms(x, ws, elementwise):
         """ms per layer of the compute-only forward: the GPU sleeps, then the L layers run back to back."""
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(comp):
             torch.cuda._sleep(sleep_cycles)
             e0.record(comp)
-            y = x
-            for layer in range(L):
-                y = torch.matmul(y, ws[layer % 2])
-                if elementwise:
-                    y = y * 0.01
+            run_layers(x, ws, elementwise=elementwise)
             e1.record(comp)
         e1.synchronize()
         return e0.elapsed_time(e1) / L
@@ -697,12 +706,7 @@ def _layerwise(torch, C, gpu_movers, layout, ids, objs, bpc, L, total, arena_ptr
                 t = time.perf_counter()
                 h.start(after_stream=comp, lookahead=look, background=bg)
                 enqueue_s.setdefault(mode, []).append(time.perf_counter() - t)
-            y = x
-            for layer in range(L):
-                if h is not None and waits:
-                    h.wait_layer(layer, comp)
-                y = torch.matmul(y, ws[layer % 2])
-                y = y * 0.01
+            run_layers(x, ws, (lambda layer: h.wait_layer(layer, comp)) if h is not None and waits else None)
             e1.record(comp)
         e1.synchronize()
         if h is not None:
